@@ -1,0 +1,94 @@
+"""One exception hierarchy for the whole service.
+
+Every failure that can happen to an input carries a stable ``reason`` code; the
+streaming worker turns that code into the dead-letter reason, ``moderator
+classify`` prints it next to the file name.
+"""
+
+from __future__ import annotations
+
+
+class ModeratorError(Exception):
+    """Base class of every error raised on purpose by moderator."""
+
+    reason: str = "internal_error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+# --- model artifacts -------------------------------------------------------
+
+
+class ModelError(ModeratorError):
+    """A model directory is missing, incomplete, tampered with or unusable."""
+
+    reason = "model_error"
+
+
+class ManifestError(ModelError):
+    reason = "manifest_invalid"
+
+
+class ChecksumMismatch(ModelError):
+    reason = "model_checksum_mismatch"
+
+
+class WeightsUnavailable(ModelError):
+    """Pretrained weights could not be obtained (no network, unknown tag...)."""
+
+    reason = "weights_unavailable"
+
+
+class MissingDependency(ModeratorError):
+    """An optional dependency (the ``train`` extra) is needed for this command."""
+
+    reason = "missing_dependency"
+
+
+# --- inputs ------------------------------------------------------------------
+
+
+class InputError(ModeratorError):
+    """Something wrong with one input; never fatal for the process."""
+
+    reason = "bad_input"
+
+
+class ImageDecodeError(InputError):
+    reason = "image_decode_failed"
+
+
+class EmptyImage(ImageDecodeError):
+    reason = "empty_image"
+
+
+class PayloadTooLarge(InputError):
+    reason = "payload_too_large"
+
+
+class NotAnImage(ImageDecodeError):
+    reason = "not_an_image"
+
+
+class UnsupportedFormat(ImageDecodeError):
+    reason = "unsupported_format"
+
+
+class DecompressionBomb(ImageDecodeError):
+    reason = "decompression_bomb"
+
+
+class TruncatedImage(ImageDecodeError):
+    reason = "truncated_image"
+
+
+# --- policies ------------------------------------------------------------------
+
+
+class PolicyError(ModeratorError):
+    """A policy file is missing or invalid; names the file, the field and the problem."""
+
+    reason = "policy_invalid"

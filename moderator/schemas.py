@@ -1,0 +1,221 @@
+"""Pydantic models for every artifact and wire format moderator reads or writes.
+
+Kept in one module so validation, documentation and JSON schemas come from one
+source. Model-directory manifest first; policy, event and decision schemas join
+it as the stages that use them land.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MANIFEST_FORMAT = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightsSource(_Strict):
+    """Where the exported weights came from (auditable)."""
+
+    kind: Literal["pretrained", "checkpoint", "random"]
+    pretrained_tag: str | None = None
+    checkpoint_path: str | None = None
+    checkpoint_sha256: str | None = None
+    seed: int | None = None
+
+
+class Preprocess(_Strict):
+    """How an image becomes the encoder's input tensor (open_clip's eval transform)."""
+
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    # open_clip's "longest" mode and non-square "shortest" targets are not reproduced
+    # (yet): export refuses them rather than serve subtly different pixels.
+    resize_mode: Literal["shortest", "squash"] = "shortest"
+    fill_color: int = 0
+
+    @model_validator(mode="after")
+    def _supported(self) -> "Preprocess":
+        h, w = self.image_size
+        if h <= 0 or w <= 0:
+            raise ValueError("image_size must be positive")
+        if self.resize_mode == "shortest" and h != w:
+            raise ValueError("resize_mode 'shortest' needs a square image_size")
+        return self
+
+
+class TokenizerSpec(_Strict):
+    kind: Literal["clip_bpe"] = "clip_bpe"
+    file: str = "tokenizer.json"
+    context_length: int
+    sot_token_id: int
+    eot_token_id: int
+    pad_token_id: int = 0
+    clean: Literal["lower", "whitespace", "canonicalize"] = "lower"
+
+
+class EncoderFile(_Strict):
+    file: str
+    input_name: str
+    output_name: str
+    input_dtype: Literal["float32", "float16", "int64", "int32"]
+
+
+class Manifest(_Strict):
+    """``manifest.json`` of an exported model directory."""
+
+    format: int = MANIFEST_FORMAT
+    architecture: str = Field(description="open_clip model name, or the name of the custom config")
+    model_config_json: dict | None = Field(
+        default=None, description="the full open_clip model config used (always recorded)"
+    )
+    weights: WeightsSource
+    precision: Literal["fp32", "fp16"] = "fp32"
+    embed_dim: int
+    preprocess: Preprocess
+    tokenizer: TokenizerSpec
+    logit_scale: float
+    logit_bias: float | None = None
+    image_encoder: EncoderFile
+    text_encoder: EncoderFile
+    files: dict[str, str] = Field(description="file name -> sha256 of every file in the directory")
+    exporter: dict[str, str] = Field(description="versions of the tools that produced the export")
+    created_at: str
+
+    @field_validator("files")
+    @classmethod
+    def _hex_digests(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, digest in v.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"files[{name!r}] is not a lowercase sha256 hex digest")
+        return v
+
+
+# --- policy ------------------------------------------------------------------
+
+_ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class Thresholds(_Strict):
+    """Two cut points on a category's score: ``flag`` acts automatically,
+    ``escalate`` sends to human review; below ``escalate`` the category allows."""
+
+    flag: float
+    escalate: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Thresholds":
+        if self.escalate > self.flag:
+            raise ValueError(f"escalate ({self.escalate}) must be <= flag ({self.flag})")
+        return self
+
+
+class Category(_Strict):
+    id: str = Field(pattern=_ID_PATTERN)
+    label: str = Field(min_length=1)
+    parent: str | None = Field(default=None, pattern=_ID_PATTERN)
+    prompts: list[str] = Field(min_length=1)
+    contrast_prompts: list[str] = Field(
+        default_factory=list,
+        description="benign look-alikes; when present the score is the probability of the "
+                    "category against these, computed from this category's prompts alone",
+    )
+    templates: list[str] | None = Field(default=None, description="overrides the policy's templates")
+    thresholds: Thresholds
+    enabled: bool = True
+    audit_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @field_validator("prompts", "contrast_prompts")
+    @classmethod
+    def _non_blank(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("prompts must not be blank")
+        return v
+
+
+class PolicyDoc(_Strict):
+    """A versioned moderation policy (YAML on disk)."""
+
+    version: str = Field(min_length=1)
+    description: str | None = None
+    templates: list[str] = Field(
+        default_factory=lambda: ["a photo of {}.", "an image of {}.", "a picture showing {}."],
+        min_length=1,
+    )
+    categories: list[Category] = Field(min_length=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if t.count("{}") != 1:
+                raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
+        return v
+
+    @model_validator(mode="after")
+    def _taxonomy(self) -> "PolicyDoc":
+        ids = [c.id for c in self.categories]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate category ids: {dupes}")
+        known = set(ids)
+        for c in self.categories:
+            if c.parent is not None and c.parent not in known:
+                raise ValueError(f"category {c.id!r}: parent {c.parent!r} is not a category")
+            if c.templates is not None:
+                for t in c.templates:
+                    if t.count("{}") != 1:
+                        raise ValueError(f"category {c.id!r}: template {t!r} must contain exactly one '{{}}'")
+        # no cycles in the parent chain
+        parent = {c.id: c.parent for c in self.categories}
+        for start in ids:
+            seen, cur = set(), start
+            while cur is not None:
+                if cur in seen:
+                    raise ValueError(f"category parent chain loops through {cur!r}")
+                seen.add(cur)
+                cur = parent[cur]
+        if not any(c.enabled for c in self.categories):
+            raise ValueError("every category is disabled")
+        return self
+
+
+# --- decisions ---------------------------------------------------------------
+
+Action = Literal["allow", "escalate", "flag"]
+ACTION_SEVERITY: dict[str, int] = {"allow": 0, "escalate": 1, "flag": 2}
+
+
+class CategoryScore(_Strict):
+    id: str
+    label: str
+    parent: str | None = None
+    score: float
+    action: Action
+
+
+class Decision(BaseModel):
+    """The auditable outcome for one image (JSON on the ``decisions`` topic)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: str
+    action: Action
+    top_category: str | None = Field(description="highest-severity category, ties by score margin")
+    reasons: list[str]
+    categories: list[CategoryScore]
+    policy_version: str
+    policy_sha256: str
+    model_sha256: str
+    model_architecture: str
+    image_sha256: str | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    cached: bool = False
+    metadata: dict | None = None
+    decided_at: str
