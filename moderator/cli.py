@@ -1,0 +1,202 @@
+"""``moderator``: one command, one subcommand per job. A thin face over the library.
+
+Each subcommand parses its arguments, calls one library function and prints;
+heavy imports (torch, onnxruntime) happen inside the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from moderator.errors import ModeratorError
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from moderator.model.export import export_model, load_model
+
+    loaded = load_model(a.model, pretrained=a.pretrained, checkpoint=a.checkpoint,
+                        config=a.config, seed=a.seed)
+    md = export_model(loaded, a.out, precision=a.precision, overwrite=a.overwrite)
+    print(json.dumps(md.describe(), indent=2))
+    return 0
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from moderator.model.synth import write_dataset
+
+    for split, n in (("train", a.train), ("heldout", a.heldout)):
+        if n:
+            print(write_dataset(a.out, n, a.seed, split, a.size))
+    return 0
+
+
+def _cmd_finetune(a: argparse.Namespace) -> int:
+    from moderator.model.finetune import FinetuneConfig, finetune
+
+    r = finetune(FinetuneConfig(
+        data=a.data, out=a.out, model=a.model, config=a.config, pretrained=a.pretrained,
+        init_checkpoint=a.init_checkpoint, loss=a.loss, steps=a.steps, batch_size=a.batch_size,
+        lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+        freeze_towers=a.freeze_towers, seed=a.seed, threads=a.threads,
+    ))
+    print(f"trained {r.steps} steps in {r.seconds:.1f}s, final loss {r.final_loss:.4f}, "
+          f"logit scale {r.logit_scale:.2f}; checkpoint: {r.out}")
+    print(f"export it with: moderator export --checkpoint {r.out} --out MODEL_DIR")
+    return 0
+
+
+def _cmd_demo_model(a: argparse.Namespace) -> int:
+    from moderator.model.demo import ensure_demo_model
+
+    d = ensure_demo_model(a.seed, force=a.force)
+    r = d.report
+    print(f"demo model: {d.model_dir}")
+    print(f"trained on {r['train_images']} synthetic images in {r['train_seconds']}s "
+          f"({r['train']['steps']} steps, batch {r['train']['batch_size']}); "
+          f"held-out set: {r['n']} images, worst class {r['worst_class_accuracy']:.2f}")
+    if r["errors"]:
+        print("most frequent confusions: " + ", ".join(f"{k} ({v})" for k, v in list(r["errors"].items())[:5]))
+    print(f"held-out zero-shot accuracy: {r['accuracy']:.2f}")
+    return 0
+
+
+def _cmd_bench_encoder(a: argparse.Namespace) -> int:
+    from moderator.encode.bench import bench_encoders
+
+    for row in bench_encoders(a.model_dir, a.batch_sizes, a.seconds, a.backends):
+        print(json.dumps(row))
+    return 0
+
+
+def _cmd_classify(a: argparse.Namespace) -> int:
+    from moderator.classify import Classifier, expand_paths
+    from moderator.decode import DecodeLimits
+
+    clf = Classifier(a.model, a.policy, redis_url=a.redis_url,
+                     limits=DecodeLimits(max_bytes=a.max_bytes, max_pixels=a.max_pixels))
+    paths = expand_paths(a.images)
+    if not paths:
+        print("moderator classify: no image files found", file=sys.stderr)
+        return 2
+    failures = 0
+    if not a.json:
+        print(f"{'action':<9} {'top category':<22} {'score':>7}  file")
+    for r in clf.classify_files(paths):
+        if r.error is not None:
+            failures += 1
+            if a.json:
+                print(json.dumps({"path": str(r.path), "error": {"reason": r.error.reason, "message": str(r.error)}}))
+            else:
+                print(f"{'ERROR':<9} {r.error.reason:<22} {'':>7}  {r.path}: {r.error}")
+            continue
+        d = r.decision
+        if a.json:
+            print(d.model_dump_json())
+        else:
+            top = next((c for c in d.categories if c.id == d.top_category), None)
+            print(f"{d.action:<9} {d.top_category or '-':<22} {top.score if top else 0:>7.3f}  {r.path}")
+    if not a.json:
+        p = clf.engine.policy
+        print(f"policy {p.version} ({p.loaded.sha256[:12]}), model {clf.model_dir.manifest.architecture} "
+              f"({clf.model_dir.model_sha256[:12]}); {failures} file(s) failed")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moderator", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="export an open_clip model to an ONNX model directory",
+                       description="Export an open_clip model (pretrained tag, checkpoint, or random "
+                                   "weights) to a model directory: ONNX encoders, tokenizer, manifest.")
+    e.add_argument("--model", default="moderator-tiny", help="open_clip architecture (default: %(default)s)")
+    e.add_argument("--config", type=Path, help="a custom open_clip model config JSON (overrides --model)")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", help="open_clip pretrained tag (downloads; needs internet)")
+    src.add_argument("--checkpoint", type=Path,
+                     help="local weights: an open_clip local-dir (from `moderator finetune`), "
+                          ".safetensors, or a torch checkpoint (loaded weights-only)")
+    e.add_argument("--seed", type=int, default=0, help="seed for random weights (default: %(default)s)")
+    e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    e.add_argument("--out", type=Path, required=True, help="model directory to write")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    e.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("synth", help="draw the synthetic shapes data set",
+                       description="Write a seeded synthetic image-caption data set (PNG + JSONL).")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--train", type=int, default=12000, help="training images (default: %(default)s)")
+    s.add_argument("--heldout", type=int, default=1000, help="held-out images (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=96, help="image side in pixels (default: %(default)s)")
+    s.set_defaults(func=_cmd_synth)
+
+    f = sub.add_parser("finetune", help="train / fine-tune CLIP on image-caption pairs",
+                       description="Train or fine-tune an open_clip model on JSONL image-caption pairs.")
+    f.add_argument("--data", type=Path, required=True, help="JSONL with path and caption per line")
+    f.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    f.add_argument("--model", default="moderator-tiny")
+    f.add_argument("--config", type=Path)
+    init = f.add_mutually_exclusive_group()
+    init.add_argument("--pretrained", help="start from an open_clip pretrained tag")
+    init.add_argument("--init-checkpoint", type=Path, help="start from local weights")
+    f.add_argument("--loss", choices=("clip", "siglip"), default="clip")
+    f.add_argument("--steps", type=int, default=300)
+    f.add_argument("--batch-size", type=int, default=128)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--weight-decay", type=float, default=0.1)
+    f.add_argument("--warmup-steps", type=int, default=20)
+    f.add_argument("--freeze-towers", action="store_true",
+                   help="train only the projections and temperature (stable domain adaptation)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, help="torch CPU threads")
+    f.set_defaults(func=_cmd_finetune)
+
+    d = sub.add_parser("demo-model", help="train (or reuse) the synthetic demo model and report accuracy",
+                       description="Train, export and evaluate the tiny demo CLIP (cached).")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--force", action="store_true", help="retrain even when cached")
+    d.set_defaults(func=_cmd_demo_model)
+
+    c = sub.add_parser("classify", help="decide allow/flag/escalate for local image files",
+                       description="Classify local images (files or directories) against a policy. "
+                                   "Exit status 1 when any file failed to decode.")
+    c.add_argument("images", type=Path, nargs="+", help="image files or directories")
+    c.add_argument("--model", type=Path, required=True, help="exported model directory")
+    c.add_argument("--policy", type=Path, required=True, help="policy YAML")
+    c.add_argument("--json", action="store_true", help="one JSON decision (or error) per line")
+    c.add_argument("--redis-url", help="cache policy embeddings in Redis (optional)")
+    c.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="per-file byte cap")
+    c.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb pixel cap")
+    c.set_defaults(func=_cmd_classify)
+
+    b = sub.add_parser("bench-encoder", help="images/s of the image encoder at several batch sizes",
+                       description="Benchmark the image encoder(s) of a model directory.")
+    b.add_argument("model_dir", type=Path)
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    b.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
+    b.add_argument("--backends", nargs="+", default=["onnx"], choices=("onnx", "torch"))
+    b.set_defaults(func=_cmd_bench_encoder)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ModeratorError as e:
+        print(f"moderator {args.command}: error [{e.reason}]: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
