@@ -104,14 +104,15 @@ _ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 
 class Thresholds(_Strict):
     """Two cut points on a category's score: ``flag`` acts automatically,
-    ``escalate`` sends to human review; below ``escalate`` the category allows."""
+    ``escalate`` sends to human review; below ``escalate`` the category allows.
+    ``flag: null`` makes a review-only category that never acts on its own."""
 
-    flag: float
+    flag: float | None
     escalate: float
 
     @model_validator(mode="after")
     def _ordered(self) -> "Thresholds":
-        if self.escalate > self.flag:
+        if self.flag is not None and self.escalate > self.flag:
             raise ValueError(f"escalate ({self.escalate}) must be <= flag ({self.flag})")
         return self
 
@@ -163,26 +164,28 @@ class PolicyDoc(_Strict):
         ids = [c.id for c in self.categories]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
-            raise ValueError(f"duplicate category ids: {dupes}")
+            raise ValueError(f"categories: duplicate category ids: {dupes}")
         known = set(ids)
-        for c in self.categories:
+        for i, c in enumerate(self.categories):
+            where = f"categories[{i}](id={c.id})"
             if c.parent is not None and c.parent not in known:
-                raise ValueError(f"category {c.id!r}: parent {c.parent!r} is not a category")
-            if c.templates is not None:
-                for t in c.templates:
-                    if t.count("{}") != 1:
-                        raise ValueError(f"category {c.id!r}: template {t!r} must contain exactly one '{{}}'")
+                raise ValueError(f"{where}.parent: parent {c.parent!r} is not a category")
+            if c.parent == c.id:
+                raise ValueError(f"{where}.parent: a category cannot be its own parent")
+            for t in c.templates or ():
+                if t.count("{}") != 1:
+                    raise ValueError(f"{where}.templates: template {t!r} must contain exactly one '{{}}'")
         # no cycles in the parent chain
         parent = {c.id: c.parent for c in self.categories}
         for start in ids:
             seen, cur = set(), start
             while cur is not None:
                 if cur in seen:
-                    raise ValueError(f"category parent chain loops through {cur!r}")
+                    raise ValueError(f"categories: the parent chain loops through {cur!r}")
                 seen.add(cur)
                 cur = parent[cur]
         if not any(c.enabled for c in self.categories):
-            raise ValueError("every category is disabled")
+            raise ValueError("categories: every category is disabled")
         return self
 
 
