@@ -106,6 +106,17 @@ def _cmd_classify(a: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_evaluate_policy(a: argparse.Namespace) -> int:
+    from moderator.classify import Classifier
+    from moderator.decide.evaluate import confusion, format_confusion
+
+    clf = Classifier(a.model, a.policy, redis_url=a.redis_url)
+    matrix = confusion(clf, a.data)
+    print(f"policy {clf.engine.policy.version} on {a.data}: rows are labels, columns actions")
+    print(format_confusion(matrix))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moderator", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -175,12 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb pixel cap")
     c.set_defaults(func=_cmd_classify)
 
+    ev = sub.add_parser("evaluate-policy", help="confusion matrix of a policy on labelled images",
+                        description="Run a policy over labelled images (JSONL: path, label) and print "
+                                    "label x action counts, to calibrate thresholds.")
+    ev.add_argument("data", type=Path, help="JSONL with path and label per line")
+    ev.add_argument("--model", type=Path, required=True)
+    ev.add_argument("--policy", type=Path, required=True)
+    ev.add_argument("--redis-url")
+    ev.set_defaults(func=_cmd_evaluate_policy)
+
     b = sub.add_parser("bench-encoder", help="images/s of the image encoder at several batch sizes",
                        description="Benchmark the image encoder(s) of a model directory.")
     b.add_argument("model_dir", type=Path)
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     b.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
-    b.add_argument("--backends", nargs="+", default=["onnx"], choices=("onnx", "torch"))
+    b.add_argument("--backends", nargs="+", default=["onnx"],
+                   choices=("onnx", "torch", "torch-eager", "torch-fp32"),
+                   help="torch = fp16 + CUDA graphs on CUDA; torch-eager = fp16, no graphs; "
+                        "torch-fp32 = fp32, no graphs")
     b.set_defaults(func=_cmd_bench_encoder)
     return p
 

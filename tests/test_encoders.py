@@ -112,8 +112,16 @@ def test_tampered_file_is_refused(random_model_dir, tmp_path):
         ModelDirectory(copy)
 
 
-def test_provider_choice():
+def test_provider_choice(monkeypatch):
+    monkeypatch.delenv("MODERATOR_ORT_PROVIDERS", raising=False)
     assert choose_providers()[-1] == "CPUExecutionProvider"
+    monkeypatch.setenv("MODERATOR_ORT_PROVIDERS", "CPUExecutionProvider")
+    assert choose_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setenv("MODERATOR_ORT_PROVIDERS", "CUDAExecutionProvider,CPUExecutionProvider")
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        with pytest.raises(ModelError, match="not available"):
+            choose_providers()
+    monkeypatch.delenv("MODERATOR_ORT_PROVIDERS")
     assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     with pytest.raises(ModelError, match="not available"):
         choose_providers(["NoSuchExecutionProvider"])

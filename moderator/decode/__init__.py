@@ -76,12 +76,14 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedI
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data), formats=sorted(limits.formats | _ALL_KNOWN))
+            img = Image.open(io.BytesIO(data), formats=_open_formats(limits.formats))
         except UnidentifiedImageError as e:
             raise NotAnImage("bytes are not a recognised image format") from e
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise DecompressionBomb(str(e)) from e
         except Exception as e:  # malformed headers raise many types
+            if isinstance(e, OSError) and "truncat" in str(e).lower():
+                raise TruncatedImage(f"image header is truncated: {e}") from e
             raise NotAnImage(f"unreadable image header: {type(e).__name__}: {e}") from e
         fmt = img.format or "unknown"
         if fmt not in limits.formats:
@@ -109,6 +111,11 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedI
         except (ValueError, SyntaxError, IndexError, EOFError, ZeroDivisionError, MemoryError) as e:
             raise ImageDecodeError(f"cannot decode {fmt}: {type(e).__name__}: {e}") from e
     return DecodedImage(rgb, digest, fmt, (w, h), mode, frames)
+
+
+def _open_formats(allowed: frozenset[str]) -> list[str]:
+    Image.init()
+    return sorted(f for f in allowed | _ALL_KNOWN if f in Image.OPEN)
 
 
 # Formats Pillow may identify; anything identified but not allowed is refused by name

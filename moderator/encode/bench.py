@@ -30,13 +30,22 @@ def _rate(fn, n_per_call: int, seconds: float) -> tuple[float, int]:
             return calls * n_per_call / elapsed, calls
 
 
+BACKENDS = ("onnx", "torch", "torch-eager", "torch-fp32")
+
+
 def _encoder(backend: str, md: ModelDirectory):
+    """onnx: ONNX Runtime. torch: defaults (fp16 + CUDA graphs on CUDA). torch-eager:
+    fp16 without graphs. torch-fp32: fp32 without graphs."""
     if backend == "onnx":
         from moderator.encode.onnx_backend import ImageEncoder  # noqa: PLC0415
 
         return ImageEncoder(md)
     from moderator.encode.torch_backend import TorchImageEncoder  # noqa: PLC0415
 
+    if backend == "torch-eager":
+        return TorchImageEncoder(md, cuda_graphs=False)
+    if backend == "torch-fp32":
+        return TorchImageEncoder(md, fp16=False, cuda_graphs=False)
     return TorchImageEncoder(md)
 
 

@@ -28,10 +28,13 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "
 def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     """Execution providers in preference order, from what this onnxruntime build offers.
 
-    ``requested`` overrides the order (e.g. from ``MODERATOR_ORT_PROVIDERS``); asking
-    for a provider this build lacks is an error, not a silent fallback.
+    ``requested`` (or, when not given, the comma-separated ``MODERATOR_ORT_PROVIDERS``)
+    overrides the order; asking for a provider this build lacks is an error, not a
+    silent fallback.
     """
     available = ort.get_available_providers()
+    if not requested and os.environ.get("MODERATOR_ORT_PROVIDERS"):
+        requested = [p.strip() for p in os.environ["MODERATOR_ORT_PROVIDERS"].split(",") if p.strip()]
     if requested:
         missing = [p for p in requested if p not in available]
         if missing:

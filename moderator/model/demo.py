@@ -9,6 +9,7 @@ training parameters, and the source of the generator and trainer). Tests and
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ DEMO_ARCH = "moderator-tiny"
 DEMO_SEED = 0
 TRAIN_IMAGES = 12_000
 HELDOUT_IMAGES = 1_000
-TRAIN = {"steps": 400, "batch_size": 128, "lr": 2e-3, "warmup_steps": 30, "loss": "clip"}
+TRAIN = {"steps": 800, "batch_size": 64, "lr": 3e-3, "warmup_steps": 30, "loss": "clip"}
 
 
 def cache_root() -> Path:
@@ -89,21 +90,42 @@ def zero_shot_accuracy(model_dir: Path, jsonl: Path) -> dict:
     }
 
 
-def ensure_demo_model(seed: int = DEMO_SEED, *, force: bool = False, progress: bool = True) -> DemoModel:
-    root = cache_root() / "demo-model" / demo_key(seed)
+def _load_cached(root: Path) -> DemoModel | None:
     report_file = root / "report.json"
-    model_dir = root / "model"
-    if report_file.is_file() and not force:
-        try:
-            from moderator.encode import ModelDirectory  # noqa: PLC0415
+    if not report_file.is_file():
+        return None
+    try:
+        from moderator.encode import ModelDirectory  # noqa: PLC0415
 
-            ModelDirectory(model_dir)  # verifies every checksum
-            return DemoModel(root, model_dir, root / "data" / "heldout.jsonl", json.loads(report_file.read_text()))
-        except Exception as e:  # a damaged cache is rebuilt, not trusted
-            log.warning("demo model cache at %s unusable (%s); rebuilding", root, e)
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+        ModelDirectory(root / "model")  # verifies every checksum
+        return DemoModel(root, root / "model", root / "data" / "heldout.jsonl", json.loads(report_file.read_text()))
+    except Exception as e:  # a damaged cache is rebuilt, not trusted
+        log.warning("demo model cache at %s unusable (%s); rebuilding", root, e)
+        return None
+
+
+def ensure_demo_model(seed: int = DEMO_SEED, *, force: bool = False, progress: bool = True) -> DemoModel:
+    """Return the cached demo model, building it first if needed.
+
+    A file lock serialises concurrent callers (parallel test sessions, the demo).
+    ``report.json`` is written last and marks a complete build, so a crash never
+    leaves a half-built cache that looks complete.
+    """
+    root = cache_root() / "demo-model" / demo_key(seed)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and (cached := _load_cached(root)) is not None:
+            return cached
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir()
+        report = {"key": root.name, **_build(root, seed, progress)}
+        (root / "report.json").write_text(json.dumps(report, indent=2))
+    return DemoModel(root, root / "model", root / "data" / "heldout.jsonl", report)
+
+
+def _build(root: Path, seed: int, progress: bool) -> dict:
     t0 = time.monotonic()
     data = root / "data"
     train_jsonl = synth.write_dataset(data, TRAIN_IMAGES, seed, "train")
@@ -112,14 +134,15 @@ def ensure_demo_model(seed: int = DEMO_SEED, *, force: bool = False, progress: b
     result = finetune_mod.finetune(finetune_mod.FinetuneConfig(
         data=train_jsonl, out=root / "checkpoint", model=DEMO_ARCH, seed=seed, progress=progress, **TRAIN,
     ))
+    t_export = time.monotonic()
     loaded = export_mod.load_model(DEMO_ARCH, checkpoint=root / "checkpoint")
-    export_mod.export_model(loaded, model_dir)
-    acc = zero_shot_accuracy(model_dir, heldout_jsonl)
-    report = {
-        "key": root.name, "seed": seed, "train": TRAIN, "train_images": TRAIN_IMAGES,
+    export_mod.export_model(loaded, root / "model")
+    t_eval = time.monotonic()
+    acc = zero_shot_accuracy(root / "model", heldout_jsonl)
+    return {
+        "seed": seed, "train": TRAIN, "train_images": TRAIN_IMAGES,
         "heldout_images": HELDOUT_IMAGES, "data_seconds": round(t_data, 1),
-        "train_seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+        "train_seconds": round(result.seconds, 1), "export_seconds": round(t_eval - t_export, 1),
+        "eval_seconds": round(time.monotonic() - t_eval, 1), "final_loss": result.final_loss,
         "logit_scale": result.logit_scale, "total_seconds": round(time.monotonic() - t0, 1), **acc,
     }
-    report_file.write_text(json.dumps(report, indent=2))
-    return DemoModel(root, model_dir, heldout_jsonl, report)

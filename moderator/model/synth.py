@@ -151,17 +151,29 @@ def iter_samples(n: int, seed: int, split: str = "train", size: int = 96) -> Ite
         yield draw_sample(rng, size, c, s)
 
 
+JPEG_SHARE = 0.4  # the rest are PNG: uploads arrive both ways, with JPEG artifacts
+
+
 def write_dataset(out_dir: Path, n: int, seed: int, split: str = "train", size: int = 96) -> Path:
-    """Write PNGs and ``<split>.jsonl`` (path relative to the JSONL, caption, labels)."""
+    """Write images and ``<split>.jsonl`` (path relative to the JSONL, caption, labels).
+
+    A share of the images is stored as JPEG at a random quality (40-95) so models
+    learn to see through compression artifacts, as they must in production.
+    """
     out_dir = Path(out_dir)
     img_dir = out_dir / split
     img_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / f"{split}.jsonl"
     tmp = jsonl.with_suffix(".jsonl.tmp")
+    fmt_rng = np.random.default_rng([seed, SPLIT_SEED_OFFSET[split], 7])
     with open(tmp, "w") as f:
         for i, s in enumerate(iter_samples(n, seed, split, size)):
-            rel = f"{split}/{i:06d}.png"
-            s.image.save(out_dir / rel, optimize=False)
+            if fmt_rng.random() < JPEG_SHARE:
+                rel = f"{split}/{i:06d}.jpg"
+                s.image.save(out_dir / rel, quality=int(fmt_rng.integers(40, 96)))
+            else:
+                rel = f"{split}/{i:06d}.png"
+                s.image.save(out_dir / rel, optimize=False)
             f.write(json.dumps({
                 "path": rel, "caption": s.caption, "label": s.label, "colour": s.colour,
                 "shape": s.shape, "size": s.size_word, "background": s.background,
