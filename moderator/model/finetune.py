@@ -134,10 +134,15 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             with torch.no_grad():
                 fresh.logit_scale.fill_(extra["init_logit_scale"])
         model = fresh
-    model.train()
+    # Frozen towers stay in eval mode too, so BatchNorm statistics don't drift.
+    model.train(not cfg.freeze_towers)
     if cfg.freeze_towers:
+        # Projections into the shared space + temperature (ViT: visual.proj; ResNet:
+        # the attention pool's output projection; timm towers: their head projection).
+        heads = ("visual.attnpool.c_proj.", "visual.head.proj.")
         for name, p in model.named_parameters():
-            p.requires_grad = name in {"logit_scale", "logit_bias", "text_projection", "visual.proj"}
+            p.requires_grad = (name in {"logit_scale", "logit_bias", "text_projection", "visual.proj"}
+                               or name.startswith(heads))
 
     tokenizer = open_clip.get_tokenizer(loaded.tokenizer_ref)
     preprocess = open_clip.image_transform(
@@ -158,13 +163,17 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     images = torch.stack([load_image(p) for p, _ in pairs]) if preload else None
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError("nothing to train: every parameter is frozen")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
     )
-    loss_fn = open_clip.ClipLoss() if cfg.loss == "clip" else open_clip.SigLipLoss()
+    from open_clip.loss import ClipLoss, SigLipLoss  # noqa: PLC0415 (SigLipLoss is not re-exported)
+
+    loss_fn = ClipLoss() if cfg.loss == "clip" else SigLipLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(pairs)
     bs = min(cfg.batch_size, n)
@@ -214,7 +223,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         "model_cfg": model_cfg,
         "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.preprocess_cfg.items()},
     }, indent=2))
-    result = FinetuneResult(out, cfg.steps, seconds, loss_val, float(model.logit_scale.exp()), history)
+    result = FinetuneResult(out, cfg.steps, seconds, loss_val, float(model.logit_scale.detach().exp()), history)
     (out / "training_log.json").write_text(json.dumps({
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "pairs": n, "seconds": round(seconds, 1), "final_loss": loss_val,
