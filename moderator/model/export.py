@@ -207,34 +207,19 @@ def _tokenizer_json(name: str, tokenizer_ref: str, context_length: int, dest: Pa
     return spec
 
 
-class _ImageTower:
-    def __new__(cls, model):
-        import torch  # noqa: PLC0415
+def _tower(model, encode: str):
+    """One tower of the CLIP model as a module whose output is L2-normalised float32."""
+    import torch  # noqa: PLC0415
 
-        class ImageTower(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+    class Tower(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
 
-            def forward(self, pixel_values):
-                return torch.nn.functional.normalize(self.m.encode_image(pixel_values).float(), dim=-1)
+        def forward(self, x):
+            return torch.nn.functional.normalize(getattr(self.m, encode)(x).float(), dim=-1)
 
-        return ImageTower(model)
-
-
-class _TextTower:
-    def __new__(cls, model):
-        import torch  # noqa: PLC0415
-
-        class TextTower(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, input_ids):
-                return torch.nn.functional.normalize(self.m.encode_text(input_ids).float(), dim=-1)
-
-        return TextTower(model)
+    return Tower(model)
 
 
 def _onnx_export(module, example, input_name: str, dest: Path) -> None:
@@ -245,7 +230,7 @@ def _onnx_export(module, example, input_name: str, dest: Path) -> None:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, (example,), input_names=[input_name], output_names=["embeddings"],
-            dynamic_shapes={input_name: {0: batch}}, dynamo=True, opset_version=OPSET,
+            dynamic_shapes=({0: batch},), dynamo=True, opset_version=OPSET,
             verbose=False,
         )
     program.save(str(dest), external_data=False)
@@ -292,8 +277,8 @@ def export_model(
         pixels = torch.randn(2, 3, *size, dtype=dtype)
         tokens = torch.zeros(2, context_length, dtype=torch.long)
         tokens[:, 0], tokens[:, 1] = tok_spec.sot_token_id, tok_spec.eot_token_id
-        _onnx_export(_ImageTower(model), pixels, "pixel_values", tmp / IMAGE_ONNX)
-        _onnx_export(_TextTower(model), tokens, "input_ids", tmp / TEXT_ONNX)
+        _onnx_export(_tower(model, "encode_image"), pixels, "pixel_values", tmp / IMAGE_ONNX)
+        _onnx_export(_tower(model, "encode_text"), tokens, "input_ids", tmp / TEXT_ONNX)
         for f in (IMAGE_ONNX, TEXT_ONNX):
             onnx.checker.check_model(str(tmp / f))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
