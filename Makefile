@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[train,dev]'
 	touch $@
 
+# The demo model first (prints its held-out accuracy), then the streaming service itself:
+# local Kafka + Redis, a worker, a few hundred events, a summary, everything stopped.
 demo: venv
 	$(PY) -m moderator.cli demo-model
+	$(PY) -m moderator.cli demo
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -117,6 +117,79 @@ def _cmd_evaluate_policy(a: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_settings(a: argparse.Namespace):
+    from moderator.config import WorkerSettings
+
+    given = {"model_dir": a.model, "policy": a.policy, "kafka_bootstrap_servers": a.bootstrap_servers,
+             "input_topic": a.input_topic, "consumer_group": a.group, "redis_url": a.redis_url,
+             "http_port": a.http_port, "max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms}
+    return WorkerSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from moderator.worker import run_worker
+
+    try:
+        settings = _worker_settings(a)
+    except ValidationError as e:
+        print(f"moderator run: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    return run_worker(settings)
+
+
+def _cmd_produce(a: argparse.Namespace) -> int:
+    from moderator import produce as prod
+
+    envelopes = tuple(a.envelopes.split(","))
+    if a.dir:
+        good = prod.directory_events(a.dir, envelopes=envelopes, id_prefix=a.id_prefix or "file")
+    else:
+        good = prod.synthetic_events(a.synthetic, a.seed, size=a.size, envelopes=envelopes,
+                                     duplicate_rate=a.duplicates, id_prefix=a.id_prefix or "synth")
+    bad = prod.malformed_events(f"{a.id_prefix or 'bad'}-malformed", a.seed)[: a.malformed] if a.malformed else []
+    stream = prod.interleave(good, bad, a.malformed_every)
+    if a.create_topic:
+        prod.ensure_topics(a.bootstrap_servers, {a.topic: a.create_topic})
+    report = prod.produce(a.bootstrap_servers, a.topic, stream, rate=a.rate)
+    if a.manifest:
+        with open(a.manifest, "w") as f:
+            for event_id, expect in report.expected.items():
+                f.write(json.dumps({"id": event_id, "expect": expect, "sent_at": report.sent_at[event_id]}) + "\n")
+    print(json.dumps({"topic": a.topic, "sent": report.sent, "seconds": round(report.seconds, 3),
+                      "events_per_s": round(report.rate, 1), "bytes": report.bytes,
+                      "malformed": len(bad), "manifest": str(a.manifest) if a.manifest else None}))
+    return 0
+
+
+def _cmd_bench_worker(a: argparse.Namespace) -> int:
+    from moderator.worker.bench import bench_worker
+
+    r = bench_worker(a.model, a.policy, events=a.events, size=a.size, max_batch=a.max_batch,
+                     max_wait_ms=a.max_wait_ms, partitions=a.partitions, encoder_seconds=a.encoder_seconds,
+                     bootstrap_servers=a.bootstrap_servers, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(r))
+    print(f"worker: {r['worker_decisions_per_s']} decisions/s end to end through Kafka; "
+          f"bare ONNX encoder: {r['encoder_images_per_s']} images/s "
+          f"({r['encoder_with_preprocess_images_per_s']} with preprocessing); "
+          f"ratio {r['ratio_worker_to_encoder']:.2f} ({r['ratio_worker_to_encoder_with_preprocess']:.2f})")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from moderator.demo import DEMO_POLICY, run_demo
+
+    model = a.model
+    if model is None:
+        from moderator.model.demo import ensure_demo_model
+
+        model = ensure_demo_model(progress=True).model_dir
+    s = run_demo(model_dir=model, policy=a.policy or DEMO_POLICY, events=a.events, rate=a.rate or None,
+                 partitions=a.partitions, hold=a.hold, seed=a.seed)
+    return 0 if s.accounted == s.produced and s.worker_exit == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moderator", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -205,6 +278,69 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch = fp16 + CUDA graphs on CUDA; torch-eager = fp16, no graphs; "
                         "torch-fp32 = fp32, no graphs")
     b.set_defaults(func=_cmd_bench_encoder)
+
+    r = sub.add_parser("run", help="the streaming worker: Kafka in, decisions out",
+                       description="Consume input events, decide with the policy, publish decisions "
+                                   "(at-least-once). Every setting is a MODERATOR_* environment variable "
+                                   "(see moderator.config.WorkerSettings); these flags override a few.")
+    r.add_argument("--model", type=Path, help="model directory (MODERATOR_MODEL_DIR)")
+    r.add_argument("--policy", type=Path, help="policy YAML (MODERATOR_POLICY)")
+    r.add_argument("--bootstrap-servers", help="Kafka (MODERATOR_KAFKA_BOOTSTRAP_SERVERS)")
+    r.add_argument("--input-topic", help="MODERATOR_INPUT_TOPIC")
+    r.add_argument("--group", help="consumer group (MODERATOR_CONSUMER_GROUP)")
+    r.add_argument("--redis-url", help="decision cache + prompt embeddings (MODERATOR_REDIS_URL)")
+    r.add_argument("--http-port", type=int, help="/metrics /healthz /readyz port (MODERATOR_HTTP_PORT)")
+    r.add_argument("--max-batch", type=int, help="MODERATOR_MAX_BATCH")
+    r.add_argument("--max-wait-ms", type=int, help="MODERATOR_MAX_WAIT_MS")
+    r.set_defaults(func=_cmd_run)
+
+    pr = sub.add_parser("produce", help="send input events (image directory or synthetic shapes) to a topic",
+                        description="Produce input events for demos, tests and benchmarks. Prints one JSON "
+                                    "line with what was sent.")
+    pr.add_argument("--bootstrap-servers", required=True)
+    pr.add_argument("--topic", required=True)
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dir", type=Path, help="send every image file under this directory")
+    src.add_argument("--synthetic", type=int, metavar="N", help="send N synthetic demo images")
+    pr.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    pr.add_argument("--envelopes", default="json",
+                    help="comma-separated mix of json, cloudevents, raw (default: %(default)s)")
+    pr.add_argument("--duplicates", type=float, default=0.0, help="share of synthetic events repeating an image")
+    pr.add_argument("--malformed", type=int, default=0, help="mix in up to this many malformed events")
+    pr.add_argument("--malformed-every", type=int, default=20, help="one malformed event per this many good")
+    pr.add_argument("--size", type=int, default=96, help="synthetic image side (default: %(default)s)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--id-prefix", help="prefix of event ids")
+    pr.add_argument("--create-topic", type=int, metavar="PARTITIONS", help="create the topic if missing")
+    pr.add_argument("--manifest", type=Path, help="write id, expected outcome and send time per event (JSONL)")
+    pr.set_defaults(func=_cmd_produce)
+
+    bw = sub.add_parser("bench-worker", help="worker decisions/s through Kafka vs bare encoder images/s",
+                        description="Benchmark the whole worker against the bare ONNX image encoder on the "
+                                    "same images, in one run (starts a local Kafka unless given one).")
+    bw.add_argument("--model", type=Path, required=True)
+    bw.add_argument("--policy", type=Path, required=True)
+    bw.add_argument("--events", type=int, default=2000)
+    bw.add_argument("--size", type=int, default=96, help="synthetic image side")
+    bw.add_argument("--max-batch", type=int, default=32)
+    bw.add_argument("--max-wait-ms", type=int, default=50)
+    bw.add_argument("--partitions", type=int, default=3)
+    bw.add_argument("--encoder-seconds", type=float, default=5.0)
+    bw.add_argument("--bootstrap-servers", help="use this Kafka instead of starting one")
+    bw.set_defaults(func=_cmd_bench_worker)
+
+    dm = sub.add_parser("demo", help="the streaming demo: local Kafka + Redis, a worker, a few hundred events",
+                        description="Run the whole service locally with the demo model and policy and print "
+                                    "a summary (make demo).")
+    dm.add_argument("--model", type=Path, help="model directory (default: the cached demo model)")
+    dm.add_argument("--policy", type=Path, help="policy (default: deploy/policies/demo.yaml)")
+    dm.add_argument("--events", type=int, default=300)
+    dm.add_argument("--rate", type=float, default=50.0,
+                    help="events per second; 0: as fast as possible (default: %(default)s)")
+    dm.add_argument("--partitions", type=int, default=3)
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--hold", action="store_true", help="keep everything running until Ctrl-C")
+    dm.set_defaults(func=_cmd_demo)
     return p
 
 

@@ -92,3 +92,84 @@ class PolicyError(ModeratorError):
     """A policy file is missing or invalid; names the file, the field and the problem."""
 
     reason = "policy_invalid"
+
+
+# --- events on the wire (ingest) ------------------------------------------------
+
+
+class InvalidEvent(InputError):
+    """The record is not a valid input event (schema violation)."""
+
+    reason = "invalid_event"
+
+
+class MalformedJSON(InvalidEvent):
+    reason = "malformed_json"
+
+
+class MissingEventId(InvalidEvent):
+    reason = "missing_id"
+
+
+class InvalidImageSource(InvalidEvent):
+    """``image`` must hold exactly one of ``url`` and ``data``."""
+
+    reason = "invalid_image_source"
+
+
+class InvalidBase64(InvalidEvent):
+    reason = "invalid_base64"
+
+
+class UnsupportedEnvelope(InvalidEvent):
+    """A CloudEvents envelope this worker cannot read (spec version, content type)."""
+
+    reason = "unsupported_envelope"
+
+
+# --- URL fetching -------------------------------------------------------------------
+
+
+class FetchError(InputError):
+    """An image URL could not be fetched (network, HTTP status, ...)."""
+
+    reason = "fetch_failed"
+
+
+class InvalidUrl(FetchError):
+    reason = "url_invalid"
+
+
+class UrlSchemeNotAllowed(FetchError):
+    reason = "url_scheme_not_allowed"
+
+
+class UrlAddressBlocked(FetchError):
+    """The URL's host is, or resolves to, a non-public address (SSRF defence)."""
+
+    reason = "url_address_blocked"
+
+
+class UrlUnresolvable(FetchError):
+    reason = "url_unresolvable"
+
+
+class FetchTimeout(FetchError):
+    reason = "fetch_timeout"
+
+
+class FetchHttpStatus(FetchError):
+    reason = "fetch_http_status"
+
+
+class TooManyRedirects(FetchError):
+    reason = "too_many_redirects"
+
+
+# --- delivery (not input errors: the worker stops rather than lose data) ----------
+
+
+class DeliveryError(ModeratorError):
+    """A record could not be acknowledged by the broker within the delivery timeout."""
+
+    reason = "delivery_failed"

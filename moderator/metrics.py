@@ -31,3 +31,58 @@ SCORE_SECONDS = Histogram(
     "moderator_score_seconds", "Time to score a batch against the policy",
     buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1),
 )
+
+# --- streaming worker (moderator run) ------------------------------------------------
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+_STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+EVENTS_CONSUMED = Counter(
+    "moderator_events_consumed_total", "Input records taken from Kafka", ["topic"]
+)
+EVENTS_PARSED = Counter(
+    "moderator_events_parsed_total", "Input events parsed, by envelope (json, cloudevents, raw)", ["envelope"]
+)
+END_TO_END_SECONDS = Histogram(
+    "moderator_end_to_end_latency_seconds",
+    "Event created_at (clock=created_at) or consume time (clock=consumed) to every output acknowledged",
+    ["clock"], buckets=_LATENCY_BUCKETS,
+)
+STAGE_SECONDS = Histogram(
+    "moderator_stage_seconds",
+    "Per-record time in each stage: queue_wait, fetch, decode, encode (batch share), score, publish",
+    ["stage"], buckets=_STAGE_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "moderator_batch_size", "Records per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+)
+ENCODE_BATCH_SECONDS = Histogram(
+    "moderator_encode_batch_seconds", "Image encoder time per batch", buckets=_STAGE_BUCKETS
+)
+DEAD_LETTERS = Counter("moderator_dead_letters_total", "Inputs sent to the dead-letter topic", ["reason"])
+DECISION_CACHE = Counter(
+    "moderator_decision_cache_total", "Content-hash decision cache lookups (hit, miss, unavailable)", ["result"]
+)
+URL_FETCHES = Counter("moderator_url_fetches_total", "Image URL fetches by outcome (ok or reason)", ["result"])
+RECORDS_PUBLISHED = Counter(
+    "moderator_records_published_total", "Output records acknowledged by the broker", ["topic"]
+)
+PUBLISH_ERRORS = Counter(
+    "moderator_publish_errors_total", "Output records the broker never acknowledged (the worker stops)", ["topic"]
+)
+OFFSET_COMMITS = Counter("moderator_offset_commits_total", "Offset commits by result", ["result"])
+REBALANCES = Counter(
+    "moderator_rebalance_partitions_total", "Partitions assigned, revoked or lost in rebalances", ["event"]
+)
+DROPPED_ON_REVOKE = Counter(
+    "moderator_dropped_on_revoke_total",
+    "In-flight records left uncommitted when their partition was revoked (the new owner redoes them)",
+)
+CONSUMER_LAG = Gauge(
+    "moderator_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"]
+)
+IN_FLIGHT = Gauge("moderator_in_flight_records", "Consumed records whose outputs are not all acknowledged yet")
+IN_FLIGHT_BYTES = Gauge("moderator_in_flight_bytes", "Bytes of the in-flight records' values")
+CONSUMER_PAUSED = Gauge("moderator_consumer_paused", "1 while fetching is paused by back-pressure")
+WORKER_READY = Gauge("moderator_worker_ready", "1 when model, policy and group assignment are in place")
+WORKER_INFO = Info("moderator_worker", "Worker instance: client id, group, topics")

@@ -7,7 +7,8 @@ it as the stages that use them land.
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -222,3 +223,97 @@ class Decision(BaseModel):
     cached: bool = False
     metadata: dict | None = None
     decided_at: str
+
+
+# --- streaming wire formats (the worker's input and dead letters) ---------------
+#
+# Decisions on the output topics are ``Decision`` above. Every model here is the
+# single source of its JSON: the worker validates with it and the README's
+# examples are produced from it.
+
+
+class ImageSource(_Strict):
+    """Where an event's image is: exactly one of ``url`` and ``data``."""
+
+    url: str | None = Field(default=None, description="http(s) URL, fetched with SSRF defences")
+    data: str | None = Field(default=None, description="the image bytes, standard base64")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ImageSource":
+        if (self.url is None) == (self.data is None):
+            raise ValueError("image must hold exactly one of 'url' and 'data'")
+        return self
+
+
+class InputEvent(_Strict):
+    """One image to moderate: the JSON value of a record on the input topic.
+
+    Also accepted: the same object as the ``data`` of a CloudEvents 1.0
+    structured-mode envelope (``CloudEvent``), and a raw image value (record
+    header ``content-type: image/*``, id from the record key).
+    """
+
+    id: str = Field(min_length=1, max_length=512, description="event id; the key of every derived record")
+    image: ImageSource
+    content_type: str | None = Field(
+        default=None, max_length=255,
+        description="the producer's idea of the format; informative only, formats are sniffed from the bytes",
+    )
+    metadata: dict[str, Any] | None = Field(default=None, description="opaque; copied into the decision")
+    created_at: datetime | None = Field(
+        default=None, description="when the event was created (RFC 3339); starts the end-to-end latency clock",
+    )
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvents 1.0 structured-mode envelope whose ``data`` is an ``InputEvent``.
+
+    ``data.id`` defaults to the envelope's ``id`` and ``data.created_at`` to its
+    ``time``; extension attributes are allowed and ignored.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: Literal["1.0"]
+    id: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    datacontenttype: str | None = None
+    subject: str | None = None
+    time: datetime | None = None
+    data: dict[str, Any]
+
+
+class DeadLetterSource(_Strict):
+    """Where the failed record was read."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = Field(default=None, description="the record's Kafka timestamp")
+    key: str | None = Field(default=None, description="the record key (UTF-8, or base64 when it is not text)")
+
+
+class OriginalValue(_Strict):
+    """The failed record's value, or a pointer to it when it is too large to copy."""
+
+    encoding: Literal["utf-8", "base64"] | None = Field(
+        description="how ``value`` is written; null when the value was not copied")
+    value: str | None = Field(description="the original value; null when larger than the copy limit")
+    size_bytes: int
+    sha256: str
+    pointer: str = Field(description="``kafka://<topic>/<partition>/<offset>``: where the original stays")
+
+
+class DeadLetter(_Strict):
+    """A record the worker could not decide (JSON on the ``dead-letter`` topic)."""
+
+    event_id: str | None = Field(description="null when the record had no readable id")
+    reason: str = Field(description="stable reason code (the ``reason`` of moderator.errors)")
+    error: str = Field(description="human-readable detail")
+    source: DeadLetterSource
+    original: OriginalValue
+    policy_version: str | None = None
+    model_sha256: str | None = None
+    worker: str = Field(description="the worker instance (client id) that gave up")
+    failed_at: str

@@ -136,3 +136,156 @@ def demo_model():
     from moderator.model.demo import ensure_demo_model
 
     return ensure_demo_model(progress=False)
+
+
+# --- streaming worker (added with `moderator run`) ---------------------------------------
+
+import time as _time  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+DEMO_POLICY_PATH = _Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
+
+
+@pytest.fixture
+def stream_topics(topic_factory: TopicFactory):
+    """``make(partitions=3) -> topics``: a fresh input topic and the four output topics."""
+    from types import SimpleNamespace
+
+    def make(partitions: int = 3) -> SimpleNamespace:
+        return SimpleNamespace(
+            input=topic_factory(partitions, suffix="images"), decisions=topic_factory(partitions, suffix="decisions"),
+            flagged=topic_factory(1, suffix="flagged"), review=topic_factory(1, suffix="review"),
+            dead_letter=topic_factory(1, suffix="dead-letter"))
+    return make
+
+
+@pytest.fixture
+def worker_settings(kafka_bootstrap: str):
+    """``make(model_dir, topics, **overrides) -> WorkerSettings`` tuned for fast tests."""
+    from moderator.config import WorkerSettings
+
+    def make(model_dir, topics, **overrides) -> WorkerSettings:
+        base = dict(
+            model_dir=model_dir, policy=DEMO_POLICY_PATH, kafka_bootstrap_servers=kafka_bootstrap,
+            input_topic=topics.input, consumer_group=f"test-{uuid.uuid4().hex[:8]}",
+            decisions_topic=topics.decisions, flagged_topic=topics.flagged, review_topic=topics.review,
+            dead_letter_topic=topics.dead_letter, http_host="127.0.0.1", http_port=0,
+            session_timeout_ms=6000, heartbeat_interval_ms=1000, commit_interval_ms=200, max_wait_ms=20,
+            policy_reload_interval_s=0, shutdown_grace_s=20, log_json=False,
+            client_id=f"test-worker-{uuid.uuid4().hex[:6]}")
+        base.update(overrides)
+        return WorkerSettings(**base)
+    return make
+
+
+@pytest.fixture
+def start_worker():
+    """``start(settings, **kw) -> Worker`` serving in a thread until it has partitions;
+    stopped (drain, commit, close) and joined at teardown."""
+    import threading
+
+    from moderator.worker import Worker
+
+    running = []
+
+    def start(settings, **kw):
+        worker = Worker(settings, **kw)
+        thread = threading.Thread(target=worker.run, name=f"worker-{settings.client_id}", daemon=True)
+        thread.start()
+        running.append((worker, thread))
+        assert worker.ready_event.wait(60), "worker got no partition assignment within 60s"
+        worker.thread = thread
+        return worker
+
+    yield start
+    for worker, _ in running:
+        worker.request_stop()
+    for _, thread in running:
+        thread.join(60)
+        assert not thread.is_alive(), "worker did not stop within 60s"
+
+
+@pytest.fixture
+def send_records(kafka_bootstrap: str):
+    """``send(topic, [(key, value, headers), ...]) -> [(partition, offset), ...]``: raw records,
+    acked before returning."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", max_request_size=32 * 1024 * 1024)
+
+    def send(topic: str, records) -> list[tuple[int, int]]:
+        futures = [producer.send(topic, key=k, value=v, headers=list(h or [])) for k, v, h in records]
+        producer.flush(timeout=60)
+        return [(md.partition, md.offset) for md in (f.get(timeout=30) for f in futures)]
+
+    yield send
+    producer.close(timeout=10)
+
+
+@pytest.fixture
+def read_outputs(kafka_bootstrap: str):
+    """``read(topics, expected_inputs, timeout_s=60, bootstrap=None) -> {topic: [(record, json)]}``.
+
+    Reads from the beginning until the decisions and dead-letter topics together
+    name ``expected_inputs`` distinct inputs (then one more poll for stragglers).
+    An input is its event id, or ``key:<record key>`` for dead letters without one.
+    """
+    import json as _json
+
+    from kafka import KafkaConsumer
+
+    def read(topics, expected_inputs: int, timeout_s: float = 60.0, bootstrap: str | None = None) -> dict:
+        names = [topics.decisions, topics.flagged, topics.review, topics.dead_letter]
+        consumer = KafkaConsumer(*names, bootstrap_servers=bootstrap or kafka_bootstrap,
+                                 auto_offset_reset="earliest", enable_auto_commit=False)
+        out: dict = {n: [] for n in names}
+        inputs: set = set()
+        deadline = _time.monotonic() + timeout_s
+        try:
+            extra_polls = 2
+            while _time.monotonic() < deadline and extra_polls:
+                if len(inputs) >= expected_inputs:
+                    extra_polls -= 1
+                for recs in consumer.poll(timeout_ms=300).values():
+                    for r in recs:
+                        v = _json.loads(r.value)
+                        out[r.topic].append((r, v))
+                        if r.topic in (topics.decisions, topics.dead_letter):
+                            inputs.add(input_name(v))
+        finally:
+            consumer.close()
+        return out
+
+    return read
+
+
+def input_name(value: dict) -> str:
+    """The input a decision or dead letter is about: its event id, else its source record key."""
+    if value.get("event_id"):
+        return value["event_id"]
+    return f"key:{value['source']['key']}"
+
+
+@pytest.fixture
+def kafka_offsets(kafka_bootstrap: str):
+    """``.committed(group, topic, partitions)`` and ``.end(topic, partitions)``: {partition: offset}."""
+    from types import SimpleNamespace
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    def committed(group: str, topic: str, partitions: int) -> dict:
+        c = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+        try:
+            return {p: c.committed(TopicPartition(topic, p)) for p in range(partitions)}
+        finally:
+            c.close()
+
+    def end(topic: str, partitions: int) -> dict:
+        c = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        try:
+            ends = c.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+            return {tp.partition: off for tp, off in ends.items()}
+        finally:
+            c.close()
+
+    return SimpleNamespace(committed=committed, end=end)

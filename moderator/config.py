@@ -1,0 +1,157 @@
+"""Worker settings (``moderator run``): environment variables ``MODERATOR_*``.
+
+One pydantic-settings model, so validation, defaults and the README's
+configuration reference come from one place. Every field has a description and
+a default; list fields take comma-separated values (or a JSON list) in the
+environment: ``MODERATOR_FETCH_ALLOW_NETWORKS=10.20.0.0/16,192.168.7.0/24``.
+The CLI overrides a few of them from flags.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split(v: object) -> object:
+    if isinstance(v, str):
+        v = v.strip()
+        if v.startswith("["):
+            return json.loads(v)
+        return [part.strip() for part in v.split(",") if part.strip()]
+    return v
+
+
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split)]
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything ``moderator run`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True)
+
+    # --- model and policy -------------------------------------------------------
+    model_dir: Path = Field(default=Path("/srv/moderator/model"),
+                            description="exported model directory (ONNX encoders + manifest)")
+    policy: Path = Field(default=Path("/etc/moderator/policy.yaml"), description="policy YAML file")
+    policy_reload_interval_s: float = Field(
+        default=2.0, ge=0, description="how often to check the policy file for a new version; 0 disables")
+    ort_providers: CommaList = Field(
+        default=[], description="ONNX Runtime execution providers in order, comma-separated; "
+                                "empty: the best this build offers")
+    ort_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: runtime default")
+
+    # --- Kafka ------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(default="localhost:9092", description="Kafka bootstrap servers")
+    input_topic: str = Field(default="images", description="topic of input events")
+    consumer_group: str = Field(default="moderator", description="consumer group; replicas share partitions")
+    decisions_topic: str = Field(default="decisions", description="every decision")
+    flagged_topic: str = Field(default="flagged", description="copies of decisions whose action is flag")
+    review_topic: str = Field(default="review", description="copies of escalate decisions (human review)")
+    dead_letter_topic: str = Field(default="dead-letter", description="inputs that could not be decided")
+    auto_offset_reset: str = Field(
+        default="earliest", pattern="^(earliest|latest)$",
+        description="where a group without committed offsets starts")
+    session_timeout_ms: int = Field(
+        default=10_000, ge=1000,
+        description="group session timeout: how soon a crashed replica's partitions move")
+    heartbeat_interval_ms: int = Field(default=2_000, ge=100, description="group heartbeat interval")
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000, description="max time between polls")
+    poll_max_records: int = Field(default=256, ge=1, description="records taken per poll")
+    commit_interval_ms: int = Field(default=500, ge=10, description="how often acknowledged offsets commit")
+    delivery_timeout_ms: int = Field(
+        default=120_000, ge=1000,
+        description="how long the producer retries a record before the worker gives up and stops")
+    linger_ms: int = Field(default=5, ge=0, description="producer batching delay")
+    client_id: str = Field(default_factory=_default_worker_id,
+                           description="this replica's name (Kafka client id, logs, dead letters)")
+
+    # --- batching and back-pressure ------------------------------------------------------
+    max_batch: int = Field(default=32, ge=1, description="a batch closes at this many images...")
+    max_wait_ms: int = Field(default=50, ge=0, description="...or this long after its first event")
+    prepare_workers: int = Field(default=4, ge=1, description="threads that fetch, hash, decode and preprocess")
+    max_in_flight: int = Field(
+        default=512, ge=1,
+        description="consumed but unacknowledged records; above it fetching pauses (back-pressure)")
+    max_in_flight_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1,
+        description="bytes of in-flight record values; above it fetching pauses too")
+    revoke_wait_ms: int = Field(
+        default=5_000, ge=0,
+        description="on partition revoke, how long to let in-flight work finish before dropping it")
+    shutdown_grace_s: float = Field(
+        default=20.0, ge=0, description="on SIGTERM, how long to drain in-flight work before closing")
+
+    # --- input limits -------------------------------------------------------------------------
+    max_event_bytes: int = Field(default=16 * 1024 * 1024, ge=1, description="largest record value accepted")
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1,
+                                 description="largest image (inline data after base64, or fetched)")
+    max_pixels: int = Field(default=40_000_000, ge=1, description="decompression-bomb cap on width x height")
+    image_formats: CommaList = Field(default=["JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"],
+                                     description="formats accepted (sniffed from the bytes)")
+
+    # --- URL fetching ---------------------------------------------------------------------------
+    fetch_connect_timeout_s: float = Field(default=2.0, gt=0, description="TCP/TLS connect timeout per hop")
+    fetch_read_timeout_s: float = Field(default=5.0, gt=0, description="socket read timeout")
+    fetch_total_timeout_s: float = Field(default=10.0, gt=0, description="whole fetch, redirects included")
+    fetch_max_redirects: int = Field(default=3, ge=0, description="redirects followed (each re-checked)")
+    fetch_allow_networks: CommaList = Field(
+        default=[], description="CIDRs exempt from the private-address block (e.g. an internal image store)")
+    fetch_allow_hosts: CommaList = Field(
+        default=[], description="host names exempt from the private-address block")
+    fetch_user_agent: str = Field(default="moderator/0.1 (+image moderation)", description="User-Agent header")
+
+    # --- caches -----------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None, description="Redis for the decision cache and policy embeddings; unset: no Redis")
+    decision_cache_ttl_s: int = Field(default=86_400, ge=0, description="decision cache TTL; 0 disables the cache")
+    redis_timeout_s: float = Field(default=0.5, gt=0, description="Redis socket timeout")
+    redis_retry_s: float = Field(default=2.0, ge=0, description="after a Redis failure, skip it this long")
+
+    # --- dead letters -----------------------------------------------------------------------------
+    dead_letter_max_value_bytes: int = Field(
+        default=256 * 1024, ge=0,
+        description="originals up to this size are copied into the dead letter; larger ones get a pointer")
+
+    # --- observability -----------------------------------------------------------------------------
+    http_host: str = Field(default="0.0.0.0", description="address of the /metrics /healthz /readyz server")
+    http_port: int = Field(default=8080, ge=0, le=65535, description="its port; 0 picks a free one")
+    log_level: str = Field(default="INFO", description="root log level")
+    log_json: bool = Field(default=True, description="structured JSON logs (one object per line)")
+
+    @field_validator("fetch_allow_networks")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as e:
+                raise ValueError(f"not a network: {net!r} ({e})") from e
+        return v
+
+    @field_validator("image_formats")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [f.upper() for f in v]
+
+    @model_validator(mode="after")
+    def _sane(self) -> "WorkerSettings":
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+        if self.fetch_total_timeout_s < self.fetch_connect_timeout_s:
+            raise ValueError("fetch_total_timeout_s must be at least fetch_connect_timeout_s")
+        return self
+
+    def output_topics(self) -> tuple[str, str, str, str]:
+        return self.decisions_topic, self.flagged_topic, self.review_topic, self.dead_letter_topic

@@ -1,0 +1,218 @@
+"""``UrlFetcher``: image bytes from an http(s) URL, with SSRF defences.
+
+For every hop (the first request and each redirect):
+
+1. parse the URL (urllib3's parser); only ``http``/``https``, no credentials;
+2. refuse metadata host names, then resolve the host and refuse the URL if
+   *any* address it resolves to is not public (``AddressPolicy``);
+3. connect to the vetted address itself -- never re-resolve, so DNS rebinding
+   between check and connect cannot redirect the request -- sending the
+   original ``Host`` header and, for https, SNI + certificate checks against
+   the original host name.
+
+Connect and read timeouts per hop, one deadline for the whole fetch, a byte cap
+checked against ``Content-Length`` and while streaming, ``identity`` encoding
+only (no decompression bombs), and at most ``max_redirects`` redirects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urljoin
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import LocationParseError, NewConnectionError, ProtocolError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util import parse_url
+
+from moderator.errors import (
+    FetchError,
+    FetchHttpStatus,
+    FetchTimeout,
+    InvalidUrl,
+    PayloadTooLarge,
+    TooManyRedirects,
+    UrlAddressBlocked,
+    UrlSchemeNotAllowed,
+    UrlUnresolvable,
+)
+from moderator.fetch.guard import AddressPolicy, IPAddress
+
+ALLOWED_SCHEMES = ("http", "https")
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_URL_LENGTH = 4096
+
+Resolver = Callable[[str, int], list[str]]
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (getaddrinfo, TCP)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 5.0
+    total_timeout_s: float = 10.0
+    max_bytes: int = 10 * 1024 * 1024
+    max_redirects: int = 3
+    user_agent: str = "moderator/0.1"
+
+
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str  # as written in the URL (name or literal), no brackets
+    port: int
+    address: str  # the vetted IP we connect to
+    request_uri: str
+    host_header: str
+
+
+class UrlFetcher:
+    def __init__(self, limits: FetchLimits = FetchLimits(), policy: AddressPolicy | None = None,
+                 resolver: Resolver = system_resolver) -> None:
+        self.limits = limits
+        self.policy = policy or AddressPolicy()
+        self.resolver = resolver
+
+    # -- checks (no network) ------------------------------------------------------
+
+    def vet(self, url: str) -> _Target:
+        """Everything short of connecting: parse, scheme, host, resolve, address policy."""
+        if not isinstance(url, str) or not url.strip():
+            raise InvalidUrl("empty URL")
+        if len(url) > MAX_URL_LENGTH:
+            raise InvalidUrl(f"URL is {len(url)} characters, over {MAX_URL_LENGTH}")
+        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+            raise InvalidUrl("URL contains whitespace or control characters")
+        try:
+            u = parse_url(url)
+        except LocationParseError as e:
+            raise InvalidUrl(f"unparseable URL: {e}") from None
+        scheme = (u.scheme or "").lower()
+        if scheme not in ALLOWED_SCHEMES:
+            raise UrlSchemeNotAllowed(f"scheme {scheme or '(none)'!r} is not allowed (http, https only)")
+        if u.auth:
+            raise InvalidUrl("credentials in URLs are not accepted")
+        host = (u.host or "").strip("[]")
+        if not host:
+            raise InvalidUrl("URL has no host")
+        port = u.port or (443 if scheme == "https" else 80)
+        if not 0 < port < 65536:
+            raise InvalidUrl(f"port {port} is out of range")
+        self.policy.check_host(host)
+        addresses = self._resolve(host, port)
+        for addr in addresses:  # every address must pass, not just the first
+            self.policy.check(host, addr)
+        default_port = port == (443 if scheme == "https" else 80)
+        host_in_header = f"[{host}]" if ":" in host else host
+        return _Target(scheme, host, port, str(addresses[0]), u.request_uri or "/",
+                       host_in_header if default_port else f"{host_in_header}:{port}")
+
+    def _resolve(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            return [ipaddress.ip_address(host.split("%", 1)[0])]
+        except ValueError:
+            pass
+        try:  # legacy numeric IPv4 forms resolvers accept: 2130706433, 0x7f.1, 0177.0.0.1
+            return [ipaddress.IPv4Address(socket.inet_aton(host))]
+        except OSError:
+            pass
+        try:
+            raw = self.resolver(host, port)
+        except (socket.gaierror, UnicodeError, OSError) as e:
+            raise UrlUnresolvable(f"cannot resolve {host!r}: {e}") from None
+        out = []
+        for a in raw:
+            try:
+                out.append(ipaddress.ip_address(a.split("%", 1)[0]))
+            except ValueError:
+                raise UrlUnresolvable(f"{host!r} resolved to a non-address {a!r}") from None
+        if not out:
+            raise UrlUnresolvable(f"{host!r} resolved to no address")
+        return out
+
+    # -- fetching -------------------------------------------------------------------------
+
+    def fetch(self, url: str) -> bytes:
+        deadline = time.monotonic() + self.limits.total_timeout_s
+        current = url
+        for _hop in range(self.limits.max_redirects + 1):
+            target = self.vet(current)
+            status, location, body = self._get(target, deadline)
+            if status in REDIRECT_STATUSES:
+                if not location:
+                    raise FetchHttpStatus(f"HTTP {status} redirect without a Location header")
+                current = urljoin(current, location)
+                continue
+            if status != 200:
+                raise FetchHttpStatus(f"HTTP {status} from {target.host}")
+            return body  # type: ignore[return-value]
+        raise TooManyRedirects(f"more than {self.limits.max_redirects} redirects (last: {current[:200]})")
+
+    def _get(self, t: _Target, deadline: float) -> tuple[int, str | None, bytes | None]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FetchTimeout(f"fetch exceeded {self.limits.total_timeout_s}s")
+        timeout = urllib3.Timeout(connect=min(self.limits.connect_timeout_s, left),
+                                  read=min(self.limits.read_timeout_s, left))
+        if t.scheme == "https":
+            pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+                t.address, t.port, timeout=timeout, retries=False, maxsize=1,
+                cert_reqs="CERT_REQUIRED", assert_hostname=t.host, server_hostname=t.host)
+        else:
+            pool = urllib3.HTTPConnectionPool(t.address, t.port, timeout=timeout, retries=False, maxsize=1)
+        headers = {"Host": t.host_header, "User-Agent": self.limits.user_agent,
+                   "Accept": "image/*", "Accept-Encoding": "identity"}
+        try:
+            resp = pool.urlopen("GET", t.request_uri, headers=headers, redirect=False, retries=False,
+                                preload_content=False, decode_content=False, assert_same_host=False)
+            try:
+                if resp.status in REDIRECT_STATUSES:
+                    return resp.status, resp.headers.get("Location"), None
+                if resp.status != 200:
+                    return resp.status, None, None
+                return 200, None, self._read_capped(resp, deadline)
+            finally:
+                resp.release_conn()
+        except FetchError:
+            raise
+        except NewConnectionError as e:  # (a ConnectTimeoutError subclass in urllib3 2, but not a timeout)
+            raise FetchError(f"cannot connect to {t.host}:{t.port}: {e}") from None
+        except Urllib3Timeout as e:
+            raise FetchTimeout(f"timed out fetching from {t.host}: {e}") from None
+        except (Urllib3Error, ProtocolError, OSError) as e:
+            raise FetchError(f"cannot fetch from {t.host}: {type(e).__name__}: {e}") from None
+        finally:
+            pool.close()
+
+    def _read_capped(self, resp, deadline: float) -> bytes:
+        cap = self.limits.max_bytes
+        length = resp.headers.get("Content-Length")
+        if length is not None:
+            try:
+                if int(length) > cap:
+                    raise PayloadTooLarge(f"Content-Length {int(length)} is over the {cap} byte cap")
+            except ValueError:
+                raise FetchError(f"bad Content-Length {length!r}") from None
+        if (resp.headers.get("Content-Encoding") or "identity").lower() != "identity":
+            raise FetchError(f"Content-Encoding {resp.headers['Content-Encoding']!r} refused (asked identity)")
+        buf = bytearray()
+        for chunk in resp.stream(64 * 1024, decode_content=False):
+            buf += chunk
+            if len(buf) > cap:
+                raise PayloadTooLarge(f"body is over the {cap} byte cap")
+            if time.monotonic() > deadline:
+                raise FetchTimeout(f"fetch exceeded {self.limits.total_timeout_s}s")
+        return bytes(buf)
+
+
+__all__ = ["FetchLimits", "UrlFetcher", "UrlAddressBlocked", "system_resolver"]

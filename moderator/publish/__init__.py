@@ -1,0 +1,183 @@
+"""Publish stage: decisions and dead letters out, acknowledged before anything commits.
+
+``DecisionPublisher`` owns one idempotent producer (``acks=all``): a retried send
+never duplicates a record, and ``acks=all`` means "on every in-sync replica".
+Every record is keyed by event id (so one event's records share a partition) and
+carries the model and policy versions in headers. A decision goes to
+``decisions``; a ``flag`` is copied to ``flagged`` and an ``escalate`` to
+``review``. Callers get one callback per *input*, once all its records are
+acknowledged -- the worker commits that input's offset only then.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from kafka import KafkaProducer
+
+from moderator import metrics
+from moderator.schemas import DeadLetter, DeadLetterSource, Decision, OriginalValue
+
+log = logging.getLogger(__name__)
+
+H_MODEL = "moderator-model-sha256"
+H_MODEL_ARCH = "moderator-model-architecture"
+H_POLICY_VERSION = "moderator-policy-version"
+H_POLICY_SHA = "moderator-policy-sha256"
+H_ACTION = "moderator-action"
+H_REASON = "moderator-reason"
+H_CACHED = "moderator-cached"
+
+
+@dataclass(frozen=True)
+class Topics:
+    decisions: str = "decisions"
+    flagged: str = "flagged"
+    review: str = "review"
+    dead_letter: str = "dead-letter"
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """Where an input came from, and its bytes (for dead letters)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    key: bytes | None
+    value: bytes | None
+
+
+def _text_or_b64(raw: bytes) -> tuple[str, str]:
+    try:
+        return "utf-8", raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64", base64.b64encode(raw).decode("ascii")
+
+
+def build_dead_letter(src: SourceRecord, reason: str, error: str, *, event_id: str | None,
+                      worker: str, max_value_bytes: int, policy_version: str | None = None,
+                      model_sha256: str | None = None) -> DeadLetter:
+    value = src.value or b""
+    if len(value) <= max_value_bytes:
+        encoding, copied = _text_or_b64(value)
+    else:
+        encoding, copied = None, None
+    key = None
+    if src.key is not None:
+        enc, text = _text_or_b64(src.key)
+        key = text if enc == "utf-8" else f"base64:{text}"
+    return DeadLetter(
+        event_id=event_id, reason=reason, error=error[:2000],
+        source=DeadLetterSource(topic=src.topic, partition=src.partition, offset=src.offset,
+                                timestamp_ms=src.timestamp_ms, key=key),
+        original=OriginalValue(encoding=encoding, value=copied, size_bytes=len(value),
+                               sha256=hashlib.sha256(value).hexdigest(),
+                               pointer=f"kafka://{src.topic}/{src.partition}/{src.offset}"),
+        policy_version=policy_version, model_sha256=model_sha256, worker=worker,
+        failed_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+    )
+
+
+class _AllAcked:
+    """Calls ``on_acked`` once ``n`` sends succeed, or ``on_failed`` at the first failure."""
+
+    def __init__(self, n: int, on_acked: Callable[[], None], on_failed: Callable[[Exception], None]) -> None:
+        self._left = n
+        self._failed = False
+        self._lock = threading.Lock()
+        self._on_acked, self._on_failed = on_acked, on_failed
+
+    def ok(self, topic: str, started: float) -> None:
+        metrics.RECORDS_PUBLISHED.labels(topic=topic).inc()
+        with self._lock:
+            self._left -= 1
+            fire = self._left == 0 and not self._failed
+        if fire:
+            metrics.STAGE_SECONDS.labels(stage="publish").observe(time.perf_counter() - started)
+            self._on_acked()
+
+    def fail(self, topic: str, err: Exception) -> None:
+        metrics.PUBLISH_ERRORS.labels(topic=topic).inc()
+        with self._lock:
+            first = not self._failed
+            self._failed = True
+        if first:
+            self._on_failed(err)
+
+
+class DecisionPublisher:
+    def __init__(self, bootstrap_servers: str, topics: Topics = Topics(), *, client_id: str = "moderator",
+                 linger_ms: int = 5, delivery_timeout_ms: int = 120_000, max_request_size: int = 4 * 1048576,
+                 producer: KafkaProducer | None = None) -> None:
+        self.topics = topics
+        self.producer = producer or KafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            client_id=f"{client_id}-producer",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            delivery_timeout_ms=delivery_timeout_ms,
+            request_timeout_ms=min(30_000, delivery_timeout_ms - linger_ms - 1),
+            max_request_size=max_request_size,
+            reconnect_backoff_max_ms=2_000,
+        )
+
+    @staticmethod
+    def _headers(model_sha: str, model_arch: str | None, policy_version: str, policy_sha: str,
+                 extra: dict[str, str]) -> list[tuple[str, bytes]]:
+        h = {"content-type": "application/json", H_MODEL: model_sha, H_POLICY_VERSION: policy_version,
+             H_POLICY_SHA: policy_sha, **extra}
+        if model_arch:
+            h[H_MODEL_ARCH] = model_arch
+        return [(k, v.encode()) for k, v in h.items() if v]
+
+    def publish_decision(self, decision: Decision, on_acked: Callable[[], None],
+                         on_failed: Callable[[Exception], None]) -> None:
+        value = decision.model_dump_json().encode()
+        headers = self._headers(decision.model_sha256, decision.model_architecture, decision.policy_version,
+                                decision.policy_sha256,
+                                {H_ACTION: decision.action, H_CACHED: "true" if decision.cached else "false"})
+        topics = [self.topics.decisions]
+        if decision.action == "flag":
+            topics.append(self.topics.flagged)
+        elif decision.action == "escalate":
+            topics.append(self.topics.review)
+        self._send_all(topics, decision.event_id.encode(), value, headers, on_acked, on_failed)
+
+    def publish_dead_letter(self, dead: DeadLetter, key: bytes | None, on_acked: Callable[[], None],
+                            on_failed: Callable[[Exception], None]) -> None:
+        headers = self._headers(dead.model_sha256 or "", None, dead.policy_version or "", "",
+                                {H_REASON: dead.reason})
+        self._send_all([self.topics.dead_letter], key, dead.model_dump_json().encode(), headers,
+                       on_acked, on_failed)
+
+    def _send_all(self, topics: list[str], key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
+                  on_acked: Callable[[], None], on_failed: Callable[[Exception], None]) -> None:
+        started = time.perf_counter()
+        done = _AllAcked(len(topics), on_acked, on_failed)
+        for topic in topics:
+            try:
+                fut = self.producer.send(topic, value=value, key=key, headers=headers)
+            except Exception as e:  # buffer full past max_block_ms, producer closed, record too large
+                done.fail(topic, e)
+                return
+            fut.add_callback(lambda _md, t=topic: done.ok(t, started))
+            fut.add_errback(lambda err, t=topic: done.fail(t, err))
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self.producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.producer.close(timeout=timeout_s)
+
+
+__all__ = ["DecisionPublisher", "SourceRecord", "Topics", "build_dead_letter"]

@@ -1,0 +1,256 @@
+"""The worker's parts without a broker: event parsing, micro-batching, offset
+bookkeeping, the SSRF address policy, settings, dead letters, import hygiene."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from kafka.structs import TopicPartition
+
+from moderator.batching import MicroBatcher
+from moderator.config import WorkerSettings
+from moderator.errors import InputError
+from moderator.fetch import AddressPolicy, UrlFetcher
+from moderator.ingest import EventLimits, parse_record
+from moderator.publish import SourceRecord, build_dead_letter
+from moderator.schemas import DeadLetter, InputEvent
+from moderator.worker import OffsetTracker
+
+PNG_1PX = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+# --- parsing -----------------------------------------------------------------------
+
+
+def test_plain_json_event_round_trips():
+    ev = parse_record(_json({"id": "e1", "image": {"data": base64.b64encode(PNG_1PX).decode()},
+                             "metadata": {"user": 7}, "created_at": "2026-01-02T03:04:05Z"}), None, [])
+    assert (ev.id, ev.envelope, ev.data, ev.url, ev.metadata) == ("e1", "json", PNG_1PX, None, {"user": 7})
+    assert ev.created_at == pytest.approx(1767323045.0)
+
+
+def test_cloudevents_envelope_supplies_id_and_time():
+    ce = {"specversion": "1.0", "id": "ce-9", "source": "urn:x", "type": "image.uploaded",
+          "time": "2026-01-02T03:04:05+00:00", "datacontenttype": "application/json", "traceparent": "00-ab",
+          "data": {"image": {"url": "https://images.example/a.png"}}}
+    ev = parse_record(_json(ce), None, [("content-type", b"application/cloudevents+json")])
+    assert (ev.id, ev.envelope, ev.url) == ("ce-9", "cloudevents", "https://images.example/a.png")
+    assert ev.created_at == pytest.approx(1767323045.0)
+    ce["data"]["id"] = "inner"
+    assert parse_record(_json(ce), None, []).id == "inner"
+
+
+def test_raw_image_record_takes_its_id_from_the_key():
+    ev = parse_record(PNG_1PX, b"raw-1", [("Content-Type", b"image/png")])
+    assert (ev.id, ev.envelope, ev.data, ev.content_type) == ("raw-1", "raw", PNG_1PX, "image/png")
+    binary_ce = parse_record(PNG_1PX, None, [("ce_id", b"ce-7"), ("ce_specversion", b"1.0"),
+                                             ("content-type", b"image/png")])
+    assert binary_ce.id == "ce-7"
+
+
+@pytest.mark.parametrize("value, key, headers, reason, event_id", [
+    (b"{", None, [], "malformed_json", None),
+    (b"\xff\xfe\x00", b"k", [], "malformed_json", "k"),
+    (None, None, [], "empty_event", None),
+    (b"[]", None, [], "invalid_event", None),
+    (_json({"image": {"data": "AAAA"}}), None, [], "missing_id", None),
+    (_json({"id": 5, "image": {"data": "AAAA"}}), None, [], "invalid_event", None),
+    (_json({"id": "a", "image": {"data": "AAAA", "url": "http://x"}}), None, [], "invalid_image_source", "a"),
+    (_json({"id": "a", "image": {}}), None, [], "invalid_image_source", "a"),
+    (_json({"id": "a"}), None, [], "invalid_image_source", "a"),
+    (_json({"id": "a", "image": {"data": "AAAA"}, "colour": "red"}), None, [], "invalid_event", "a"),
+    (_json({"id": "a", "image": {"data": "%%%"}}), None, [], "invalid_base64", "a"),
+    (_json({"id": "a", "image": {"data": "A" * 4000}}), None, [], "payload_too_large", "a"),
+    (b"x" * 5000, b"big", [], "payload_too_large", "big"),
+    (PNG_1PX, None, [("content-type", b"image/png")], "missing_id", None),
+    (_json({"specversion": "0.3", "id": "c", "source": "s", "type": "t", "data": {}}), None, [],
+     "unsupported_envelope", "c"),
+    (_json({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "datacontenttype": "text/plain",
+            "data": {}}), None, [], "unsupported_envelope", "c"),
+    (_json({"specversion": "1.0", "source": "s", "type": "t", "data": {"image": {"data": "AAAA"}}}), None, [],
+     "missing_id", None),
+])
+def test_bad_events_fail_with_their_reason(value, key, headers, reason, event_id):
+    with pytest.raises(InputError) as ei:
+        parse_record(value, key, headers, EventLimits(max_event_bytes=4096, max_image_bytes=2048))
+    assert ei.value.reason == reason, str(ei.value)
+    assert getattr(ei.value, "event_id", None) == event_id
+
+
+def test_input_event_schema_is_the_documented_one():
+    schema = InputEvent.model_json_schema()
+    assert set(schema["required"]) == {"id", "image"}
+    assert {"content_type", "metadata", "created_at"} <= set(schema["properties"])
+
+
+# --- batching ----------------------------------------------------------------------
+
+
+def test_batch_closes_when_full():
+    b = MicroBatcher(3, max_wait_ms=10_000)
+    for i in range(7):
+        b.put(i)
+    assert b.get_batch(timeout=1) == [0, 1, 2]
+    assert b.get_batch(timeout=1) == [3, 4, 5]
+    t0 = time.monotonic()
+    assert b.get_batch(timeout=0.2) == []  # one item, not full, not due: nothing yet
+    assert time.monotonic() - t0 >= 0.19
+
+
+def test_batch_closes_max_wait_after_its_first_item():
+    b = MicroBatcher(100, max_wait_ms=150)
+    t0 = time.monotonic()
+    b.put("a")
+    threading.Timer(0.05, b.put, args=("b",)).start()
+    assert b.get_batch(timeout=5) == ["a", "b"]
+    waited = time.monotonic() - t0
+    assert 0.14 <= waited < 1.0, waited  # the clock started at "a", not at "b"
+
+
+def test_close_releases_what_waits_then_ends():
+    b = MicroBatcher(100, max_wait_ms=60_000)
+    b.put(1)
+    b.put(2)
+    b.close()
+    assert b.get_batch(timeout=1) == [1, 2]
+    assert b.get_batch(timeout=1) is None
+    with pytest.raises(RuntimeError):
+        b.put(3)
+
+
+# --- offsets -----------------------------------------------------------------------
+
+
+def test_commit_position_waits_for_the_slowest_earlier_record():
+    tp = TopicPartition("t", 0)
+    t = OffsetTracker()
+    t.assign({tp})
+    epochs = [t.track(tp, off, 10) for off in (5, 6, 7, 8)]
+    assert t.in_flight == 4 and t.in_flight_bytes == 40
+    t.done(tp, 6, epochs[1])
+    t.done(tp, 7, epochs[2])
+    assert t.to_commit() == {}  # 5 still pending: nothing may be committed
+    t.done(tp, 5, epochs[0])
+    offsets = t.to_commit()
+    assert offsets[tp].offset == 8
+    t.committed(offsets)
+    assert t.to_commit() == {}
+    t.done(tp, 8, epochs[3])
+    assert t.to_commit()[tp].offset == 9
+    assert t.in_flight == 0 and t.wait_drained(0.1)
+
+
+def test_work_from_a_revoked_assignment_is_never_committed():
+    tp = TopicPartition("t", 1)
+    t = OffsetTracker()
+    t.assign({tp})
+    old = t.track(tp, 0)
+    assert t.revoke({tp}) == 1 and t.in_flight == 0
+    assert t.track(tp, 1) is None  # not ours any more
+    t.assign({tp})  # back again (eager rebalance): a new epoch
+    new = t.track(tp, 0)
+    assert new != old and not t.is_live(tp, old)
+    assert t.done(tp, 0, old) is False
+    assert t.to_commit() == {}
+    assert t.done(tp, 0, new) is True and t.to_commit()[tp].offset == 1
+    assert t.track(tp, 0) is None and t.in_flight == 0  # redelivered within the assignment: already done
+
+
+# --- SSRF address policy (no connections: vet() never connects) ------------------------------
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://127.0.0.1/", "url_address_blocked"),
+    ("http://10.1.2.3/", "url_address_blocked"),
+    ("http://172.16.0.1/", "url_address_blocked"),
+    ("http://192.168.0.10/", "url_address_blocked"),
+    ("http://169.254.169.254/latest/meta-data/", "url_address_blocked"),
+    ("http://100.100.100.200/", "url_address_blocked"),
+    ("http://[fd00:ec2::254]/", "url_address_blocked"),
+    ("http://[::1]/", "url_address_blocked"),
+    ("http://[::ffff:10.0.0.1]/", "url_address_blocked"),
+    ("http://[64:ff9b::a9fe:a9fe]/", "url_address_blocked"),  # NAT64 of 169.254.169.254
+    ("http://[fe80::1]/", "url_address_blocked"),
+    ("http://224.0.0.251/", "url_address_blocked"),
+    ("http://0.0.0.0/", "url_address_blocked"),
+    ("http://100.64.1.1/", "url_address_blocked"),
+    ("http://2130706433/", "url_address_blocked"),
+    ("http://localhost/", "url_address_blocked"),
+    ("http://metadata.google.internal/computeMetadata/v1/", "url_address_blocked"),
+    ("ftp://example.com/a.png", "url_scheme_not_allowed"),
+    ("file:///etc/passwd", "url_scheme_not_allowed"),
+    ("data:image/png;base64,AAAA", "url_scheme_not_allowed"),
+    ("http://user:pw@example.com/a.png", "url_invalid"),
+    ("http:///a.png", "url_invalid"),
+    ("http://exa mple.com/", "url_invalid"),
+])
+def test_refused_urls_are_refused_before_any_connection(url, reason):
+    def no_dns(host, port):  # only "localhost" may be looked up, and only in /etc/hosts
+        assert host == "localhost", f"unexpected DNS lookup of {host}"
+        return ["127.0.0.1"]
+
+    with pytest.raises(InputError) as ei:
+        UrlFetcher(resolver=no_dns).vet(url)
+    assert ei.value.reason == reason, str(ei.value)
+
+
+def test_every_resolved_address_must_pass_and_allow_lists_open_only_what_they_name():
+    mixed = UrlFetcher(resolver=lambda h, p: ["93.184.216.34", "10.0.0.7"])
+    with pytest.raises(InputError, match="10.0.0.7"):
+        mixed.vet("http://images.example/a.png")
+    public = UrlFetcher(resolver=lambda h, p: ["93.184.216.34"])
+    assert public.vet("https://images.example:8443/a.png?x=1").address == "93.184.216.34"
+    allowed = UrlFetcher(policy=AddressPolicy(["10.20.0.0/16"], ["images.internal"]),
+                         resolver=lambda h, p: ["10.20.3.4"] if h == "cdn.internal" else ["192.168.1.1"])
+    assert allowed.vet("http://cdn.internal/a.png").address == "10.20.3.4"
+    assert allowed.vet("http://images.internal/a.png").address == "192.168.1.1"
+    with pytest.raises(InputError):
+        allowed.vet("http://10.21.0.1/a.png")
+
+
+# --- settings, dead letters, imports --------------------------------------------------------
+
+
+def test_settings_come_from_moderator_env(monkeypatch):
+    monkeypatch.setenv("MODERATOR_MAX_BATCH", "7")
+    monkeypatch.setenv("MODERATOR_FETCH_ALLOW_NETWORKS", "10.20.0.0/16, 192.168.7.0/24")
+    monkeypatch.setenv("MODERATOR_DECISIONS_TOPIC", "out.decisions")
+    s = WorkerSettings()
+    assert (s.max_batch, s.decisions_topic) == (7, "out.decisions")
+    assert s.fetch_allow_networks == ["10.20.0.0/16", "192.168.7.0/24"]
+    for name, field in WorkerSettings.model_fields.items():
+        assert field.description, f"{name} has no description (the README reference is generated from it)"
+    monkeypatch.setenv("MODERATOR_FETCH_ALLOW_NETWORKS", "not-a-network")
+    with pytest.raises(ValueError):
+        WorkerSettings()
+
+
+def test_dead_letter_copies_small_originals_and_points_at_large_ones():
+    small = build_dead_letter(SourceRecord("in", 2, 41, 1700000000000, b"k1", b'{"id": "x"'), "malformed_json",
+                              "value is not JSON", event_id=None, worker="w1", max_value_bytes=100)
+    assert small.original.encoding == "utf-8" and small.original.value == '{"id": "x"'
+    assert small.source.key == "k1" and small.original.pointer == "kafka://in/2/41"
+    binary = build_dead_letter(SourceRecord("in", 0, 1, None, None, b"\xff\xd8\xff"), "truncated_image", "t",
+                               event_id="e", worker="w1", max_value_bytes=100)
+    assert binary.original.encoding == "base64" and base64.b64decode(binary.original.value) == b"\xff\xd8\xff"
+    large = build_dead_letter(SourceRecord("in", 0, 9, None, None, b"x" * 1000), "payload_too_large", "big",
+                              event_id="e", worker="w1", max_value_bytes=100)
+    assert large.original.value is None and large.original.size_bytes == 1000
+    assert DeadLetter.model_validate_json(large.model_dump_json()) == large
+
+
+def test_worker_path_never_imports_torch():
+    code = ("import sys, moderator.worker, moderator.worker.bench, moderator.cli, moderator.produce; "
+            "sys.exit(1 if {'torch', 'open_clip'} & set(sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,255 @@
+"""Nothing lost when things break: a worker SIGKILLed mid-stream and restarted while a
+second worker joins and leaves the group, Redis stopped during a run, and the
+broker frozen for a few seconds. Every event must end with a decision; at-least-once
+allows duplicates, which are counted and printed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from moderator import metrics
+from moderator.devservices import LocalKafka
+from moderator.produce import ensure_topics, produce, synthetic_events
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_POLICY = REPO / "deploy" / "policies" / "demo.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def _wait(cond, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _duplicates(decisions) -> Counter:
+    counts = Counter(v["event_id"] for _, v in decisions)
+    return Counter({i: n - 1 for i, n in counts.items() if n > 1})
+
+
+# --- worker processes ---------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """``moderator run`` in a subprocess, configured by MODERATOR_* variables, logging JSON to a file."""
+
+    def __init__(self, name: str, env: dict, log_dir: Path, model_dir: Path) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.log_path = log_dir / f"{name}.log"
+        env = {**os.environ, **env, "MODERATOR_HTTP_PORT": str(self.port), "MODERATOR_CLIENT_ID": name}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moderator.cli", "run", "--model", str(model_dir), "--policy", str(DEMO_POLICY)],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        _wait(lambda: self.proc.poll() is not None or _status(self.port, "/readyz") == 200, timeout,
+              f"{self.name} /readyz")
+        assert self.proc.poll() is None, f"{self.name} exited:\n{self.log()}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+
+@pytest.fixture
+def worker_processes(tmp_path, kafka_bootstrap):
+    """``spawn(name, topics, group, model_dir) -> WorkerProcess``; all killed at teardown."""
+    spawned: list[WorkerProcess] = []
+
+    def spawn(name: str, topics, group: str, model_dir: Path) -> WorkerProcess:
+        env = {
+            "MODERATOR_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "MODERATOR_INPUT_TOPIC": topics.input,
+            "MODERATOR_CONSUMER_GROUP": group, "MODERATOR_DECISIONS_TOPIC": topics.decisions,
+            "MODERATOR_FLAGGED_TOPIC": topics.flagged, "MODERATOR_REVIEW_TOPIC": topics.review,
+            "MODERATOR_DEAD_LETTER_TOPIC": topics.dead_letter, "MODERATOR_HTTP_HOST": "127.0.0.1",
+            "MODERATOR_SESSION_TIMEOUT_MS": "6000", "MODERATOR_HEARTBEAT_INTERVAL_MS": "1000",
+            "MODERATOR_COMMIT_INTERVAL_MS": "200", "MODERATOR_MAX_WAIT_MS": "20", "MODERATOR_MAX_BATCH": "16",
+            "MODERATOR_POLICY_RELOAD_INTERVAL_S": "0", "MODERATOR_ORT_THREADS": "1", "MODERATOR_REDIS_URL": "",
+        }
+        w = WorkerProcess(name, env, tmp_path, model_dir)
+        spawned.append(w)
+        return w
+
+    yield spawn
+    for w in spawned:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait(10)
+
+
+def test_sigkill_restart_and_a_second_worker_joining_and_leaving_lose_nothing(
+        random_model_dir, stream_topics, worker_processes, read_outputs, kafka_bootstrap, kafka_offsets):
+    topics = stream_topics(4)
+    group = f"crash-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    events = list(synthetic_events(600, seed=5, size=48, id_prefix="crash"))
+    producer = threading.Thread(target=produce, args=(kafka_bootstrap, topics.input, events),
+                                kwargs={"rate": 30.0}, daemon=True)
+
+    def decided() -> int:
+        return sum(kafka_offsets.end(topics.decisions, 4).values())
+
+    a = worker_processes("worker-a", topics, group, random_model_dir)
+    a.wait_ready()
+    producer.start()
+    _wait(lambda: decided() >= 60, 60, "worker-a to decide 60 events")
+    a.proc.kill()  # SIGKILL: no drain, no commit, no goodbye to the group
+    assert a.proc.wait(10) == -signal.SIGKILL
+    at_kill = decided()
+
+    a2 = worker_processes("worker-a-restarted", topics, group, random_model_dir)
+    a2.wait_ready()
+    _wait(lambda: decided() >= at_kill + 30, 60, "the restarted worker to make progress")
+    b = worker_processes("worker-b", topics, group, random_model_dir)
+    b.wait_ready()  # ready = has joined the group (a rebalance moved partitions to it)
+    at_join = decided()
+    _wait(lambda: decided() >= at_join + 60, 60, "progress with two workers")
+    assert b.stop(signal.SIGTERM) == 0, f"worker-b did not drain cleanly:\n{b.log()}"  # leaves the group
+    producer.join(60)
+    out = read_outputs(topics, len(events), timeout_s=120)
+    assert a2.stop(signal.SIGTERM) == 0, a2.log()
+
+    decisions = out[topics.decisions]
+    got = {v["event_id"] for _, v in decisions}
+    missing = sorted({e.id for e in events} - got)
+    assert not missing, f"{len(missing)} events never decided, e.g. {missing[:5]}"
+    assert out[topics.dead_letter] == []
+    dups = _duplicates(decisions)
+    print(f"\ncrash test: {len(events)} events, {len(decisions)} decisions, "
+          f"{sum(dups.values())} duplicates over {len(dups)} events "
+          f"(SIGKILL at {at_kill} decided, second worker joined at {at_join})")
+    committed = kafka_offsets.committed(group, topics.input, 4)
+    assert committed == kafka_offsets.end(topics.input, 4), "offsets not committed to the end after drain"
+
+
+def test_redis_stopped_mid_run_decisions_continue_and_the_cache_comes_back(
+        random_model_dir, local_redis, stream_topics, worker_settings, start_worker, read_outputs,
+        kafka_bootstrap):
+    topics = stream_topics(2)
+    worker = start_worker(worker_settings(random_model_dir, topics, redis_url=local_redis.url, redis_timeout_s=0.3,
+                                          redis_retry_s=0.5, max_batch=8))
+    base = list(synthetic_events(16, seed=31, size=48, id_prefix="r"))
+
+    def renamed(prefix: str):
+        return [type(e)(**{**vars(e), "id": e.id.replace("r-", f"{prefix}-")}) for e in base]
+
+    sent: list = []
+
+    def round_(evs):
+        sent.extend(evs)
+        produce(kafka_bootstrap, topics.input, evs)
+        out = read_outputs(topics, len({e.id for e in sent}))
+        return {v["event_id"]: v for _, v in out[topics.decisions]}, out
+
+    got, _ = round_(base)
+    got, _ = round_(renamed("hit"))
+    assert all(got[e.id]["cached"] for e in renamed("hit")), "the cache should serve repeated images"
+
+    errors_before = sum(s.value for s in metrics.REDIS_ERRORS.collect()[0].samples if s.name.endswith("_total"))
+    local_redis.stop()
+    got, out = round_(renamed("down"))
+    assert all(e.id in got and not got[e.id]["cached"] for e in renamed("down")), "decided without Redis"
+    errors_after = sum(s.value for s in metrics.REDIS_ERRORS.collect()[0].samples if s.name.endswith("_total"))
+    assert errors_after > errors_before
+    assert _status(worker.http_port, "/healthz") == 200 and _status(worker.http_port, "/readyz") == 200
+
+    local_redis.start()  # same port, empty: the worker reconnects after its retry window
+    time.sleep(0.6)
+    got, _ = round_(renamed("back1"))
+    got, out = round_(renamed("back2"))
+    assert all(got[e.id]["cached"] for e in renamed("back2")), "cache in use again after Redis returned"
+    assert out[topics.dead_letter] == []
+    assert {v["event_id"] for _, v in out[topics.decisions]} == {e.id for e in sent}
+
+
+def _pid_of(kafka: LocalKafka) -> int:
+    """The broker JVM's pid, found by its working directory on the command line."""
+    marker = str(kafka.workdir).encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = (proc / "cmdline").read_bytes()
+                if marker in cmd and b"kafka.Kafka" in cmd:
+                    return int(proc.name)
+    raise AssertionError(f"no broker process found for {kafka.workdir}")
+
+
+@pytest.fixture
+def pausable_broker(services):
+    """(bootstrap, pid) of a local broker this test may freeze: the session's own when it
+    was started locally, else a private one."""
+    if services.local_kafka is not None:
+        yield services.kafka_bootstrap, _pid_of(services.local_kafka)
+        return
+    with LocalKafka() as kafka:
+        yield kafka.bootstrap_servers, _pid_of(kafka)
+
+
+def test_broker_frozen_for_seconds_loses_nothing(random_model_dir, pausable_broker, worker_settings, start_worker,
+                                                 read_outputs):
+    bootstrap, pid = pausable_broker
+    run = f"freeze-{time.monotonic_ns() % 10**8}"
+    topics = SimpleNamespace(input=f"{run}.images", decisions=f"{run}.decisions", flagged=f"{run}.flagged",
+                             review=f"{run}.review", dead_letter=f"{run}.dead-letter")
+    ensure_topics(bootstrap, {topics.input: 2, topics.decisions: 2, topics.flagged: 1, topics.review: 1,
+                              topics.dead_letter: 1})
+    worker = start_worker(worker_settings(random_model_dir, topics, kafka_bootstrap_servers=bootstrap))
+    events = list(synthetic_events(240, seed=77, size=48, id_prefix=run))
+    producer = threading.Thread(target=produce, args=(bootstrap, topics.input, events), kwargs={"rate": 40.0},
+                                daemon=True)
+    producer.start()
+    _wait(lambda: worker.stats.inputs_acked >= 40, 60, "the worker to get going")
+    os.kill(pid, signal.SIGSTOP)  # the broker stops answering: requests hang, nothing is refused
+    try:
+        time.sleep(4)
+        acked_while_frozen = worker.stats.inputs_acked
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    producer.join(120)
+    out = read_outputs(topics, len(events), timeout_s=120, bootstrap=bootstrap)
+    decisions = out[topics.decisions]
+    missing = sorted({e.id for e in events} - {v["event_id"] for _, v in decisions})
+    assert not missing, f"{len(missing)} events lost, e.g. {missing[:5]}"
+    assert out[topics.dead_letter] == []
+    assert _status(worker.http_port, "/healthz") == 200
+    dups = _duplicates(decisions)
+    print(f"\nbroker frozen 4s: {len(events)} events, {len(decisions)} decisions, {sum(dups.values())} duplicates; "
+          f"{acked_while_frozen} acked when it resumed")
