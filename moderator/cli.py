@@ -190,6 +190,20 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0 if s.accounted == s.produced and s.worker_exit == 0 else 1
 
 
+def _cmd_docs(a: argparse.Namespace) -> int:
+    from moderator import docs
+
+    if a.write or a.check:
+        fresh = docs.update_readme(a.readme, check=a.check)
+        if a.check and not fresh:
+            print(f"{a.readme}: generated reference tables are stale; run `moderator docs --write`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    print(docs.config_reference() if a.what == "config" else docs.metrics_reference(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moderator", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -341,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--hold", action="store_true", help="keep everything running until Ctrl-C")
     dm.set_defaults(func=_cmd_demo)
+
+    dc = sub.add_parser("docs", help="print or refresh the README's configuration and metrics reference",
+                        description="Reference tables generated from moderator.config and moderator.metrics.")
+    dc.add_argument("what", nargs="?", choices=("config", "metrics"), default="config",
+                    help="table to print (default: %(default)s)")
+    dc.add_argument("--readme", type=Path, default=Path("README.md"))
+    mode = dc.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="refresh the README's generated blocks")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the README's blocks are stale")
+    dc.set_defaults(func=_cmd_docs)
     return p
 
 
