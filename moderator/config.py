@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -76,6 +76,17 @@ class WorkerSettings(BaseSettings):
     linger_ms: int = Field(default=5, ge=0, description="producer batching delay")
     client_id: str = Field(default_factory=_default_worker_id,
                            description="this replica's name (Kafka client id, logs, dead letters)")
+    kafka_security_protocol: str = Field(
+        default="PLAINTEXT", pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
+        description="Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    kafka_sasl_mechanism: str = Field(
+        default="PLAIN", pattern="^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$",
+        description="SASL mechanism when the protocol is SASL_*")
+    kafka_sasl_username: str = Field(default="", description="SASL user name (from a Secret)")
+    kafka_sasl_password: SecretStr = Field(default=SecretStr(""), description="SASL password (from a Secret)")
+    kafka_ssl_cafile: str = Field(default="", description="CA bundle that signs the brokers' certificates")
+    kafka_ssl_certfile: str = Field(default="", description="client certificate for mutual TLS")
+    kafka_ssl_keyfile: str = Field(default="", description="client private key for mutual TLS")
 
     # --- batching and back-pressure ------------------------------------------------------
     max_batch: int = Field(default=32, ge=1, description="a batch closes at this many images...")
@@ -151,7 +162,25 @@ class WorkerSettings(BaseSettings):
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
         if self.fetch_total_timeout_s < self.fetch_connect_timeout_s:
             raise ValueError("fetch_total_timeout_s must be at least fetch_connect_timeout_s")
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
+            raise ValueError(f"kafka_security_protocol={self.kafka_security_protocol} needs kafka_sasl_username")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ValueError("kafka_ssl_certfile and kafka_ssl_keyfile go together (mutual TLS)")
         return self
 
     def output_topics(self) -> tuple[str, str, str, str]:
         return self.decisions_topic, self.flagged_topic, self.review_topic, self.dead_letter_topic
+
+    def kafka_security(self) -> dict:
+        """kafka-python keyword arguments for the configured security protocol (both clients)."""
+        p = self.kafka_security_protocol
+        kw: dict = {"security_protocol": p}
+        if p.startswith("SASL"):
+            kw.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+                      sasl_plain_password=self.kafka_sasl_password.get_secret_value())
+        if p.endswith("SSL"):
+            for key, value in (("ssl_cafile", self.kafka_ssl_cafile), ("ssl_certfile", self.kafka_ssl_certfile),
+                               ("ssl_keyfile", self.kafka_ssl_keyfile)):
+                if value:
+                    kw[key] = value
+        return kw

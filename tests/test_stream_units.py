@@ -254,3 +254,23 @@ def test_worker_path_never_imports_torch():
     code = ("import sys, moderator.worker, moderator.worker.bench, moderator.cli, moderator.produce; "
             "sys.exit(1 if {'torch', 'open_clip'} & set(sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_kafka_security_settings_reach_the_clients(monkeypatch):
+    from pydantic import ValidationError
+
+    from moderator.config import WorkerSettings
+
+    assert WorkerSettings().kafka_security() == {"security_protocol": "PLAINTEXT"}
+    s = WorkerSettings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
+                       kafka_sasl_username="u", kafka_sasl_password="p", kafka_ssl_cafile="/tls/ca.crt")
+    assert s.kafka_security() == {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                                  "sasl_plain_username": "u", "sasl_plain_password": "p",
+                                  "ssl_cafile": "/tls/ca.crt"}
+    assert "p" not in repr(s.kafka_sasl_password)  # secrets stay out of logs
+    with pytest.raises(ValidationError, match="needs kafka_sasl_username"):
+        WorkerSettings(kafka_security_protocol="SASL_PLAINTEXT")
+    with pytest.raises(ValidationError, match="go together"):
+        WorkerSettings(kafka_security_protocol="SSL", kafka_ssl_certfile="/tls/c.crt")
+    with pytest.raises(ValidationError):
+        WorkerSettings(kafka_security_protocol="TLS")

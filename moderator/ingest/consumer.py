@@ -52,6 +52,7 @@ def make_consumer(settings: WorkerSettings) -> KafkaConsumer:
         # Fail fast and retry from the poll loop instead of hanging in one call.
         request_timeout_ms=max(15_000, settings.session_timeout_ms + 5_000),
         reconnect_backoff_max_ms=2_000,
+        **settings.kafka_security(),
     )
 
 

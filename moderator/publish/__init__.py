@@ -117,7 +117,7 @@ class _AllAcked:
 class DecisionPublisher:
     def __init__(self, bootstrap_servers: str, topics: Topics = Topics(), *, client_id: str = "moderator",
                  linger_ms: int = 5, delivery_timeout_ms: int = 120_000, max_request_size: int = 4 * 1048576,
-                 producer: KafkaProducer | None = None) -> None:
+                 security: dict | None = None, producer: KafkaProducer | None = None) -> None:
         self.topics = topics
         self.producer = producer or KafkaProducer(
             bootstrap_servers=bootstrap_servers,
@@ -129,6 +129,7 @@ class DecisionPublisher:
             request_timeout_ms=min(30_000, delivery_timeout_ms - linger_ms - 1),
             max_request_size=max_request_size,
             reconnect_backoff_max_ms=2_000,
+            **(security or {}),
         )
 
     @staticmethod

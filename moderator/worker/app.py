@@ -214,7 +214,8 @@ class Worker:
         if self._watcher:
             self._watcher.start()
         self._publisher = DecisionPublisher(s.kafka_bootstrap_servers, self.topics, client_id=s.client_id,
-                                            linger_ms=s.linger_ms, delivery_timeout_ms=s.delivery_timeout_ms)
+                                            linger_ms=s.linger_ms, delivery_timeout_ms=s.delivery_timeout_ms,
+                                            security=s.kafka_security())
         self._consumer = make_consumer(s)
         subscribe(self._consumer, s.input_topic,
                   RebalanceHooks(self._on_revoked, self._on_assigned, self._on_lost))
