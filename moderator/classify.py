@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from moderator.decide.embeddings import InProcessCache, RedisEmbeddingCache
-from moderator.decide.engine import CompiledPolicy, DecisionEngine, ModelInfo, compile_policy
-from moderator.decide.policy import LoadedPolicy, load_policy
+from moderator.decide.engine import PolicyCompiler
+from moderator.decide.policy import load_policy
 from moderator.decode import DecodeLimits, decode_image
 from moderator.encode import ImageEncoder, ModelDirectory, TextEncoder
 from moderator.errors import InputError, ModeratorError
@@ -44,25 +44,18 @@ def expand_paths(inputs: Iterable[Path]) -> list[Path]:
 
 
 class Classifier:
-    """A model + policy ready to decide; reused by the worker for its own wiring."""
+    """A model + policy ready to decide local files."""
 
     def __init__(self, model_dir: Path | str, policy_path: Path | str, *, redis_url: str | None = None,
                  providers: list[str] | None = None, limits: DecodeLimits = DecodeLimits()) -> None:
         self.model_dir = ModelDirectory(model_dir)
         self.image_encoder = ImageEncoder(self.model_dir, providers=providers)
-        self._providers = providers
-        self.cache = RedisEmbeddingCache.from_url(redis_url) if redis_url else InProcessCache()
         self.limits = limits
-        self.engine = DecisionEngine(self.compile(load_policy(policy_path)),
-                                     ModelInfo(self.model_dir.model_sha256, self.model_dir.manifest.architecture))
+        self.compile = PolicyCompiler(
+            self.model_dir, RedisEmbeddingCache.from_url(redis_url) if redis_url else InProcessCache(),
+            lambda: TextEncoder(self.model_dir, providers=providers))
+        self.engine = self.compile.engine(load_policy(policy_path))
         self.policy_path = Path(policy_path)
-
-    def _text_encoder(self) -> TextEncoder:
-        return TextEncoder(self.model_dir, providers=self._providers)
-
-    def compile(self, loaded: LoadedPolicy) -> CompiledPolicy:
-        return compile_policy(loaded, self.model_dir.model_sha256, self.model_dir.manifest.logit_scale,
-                              self._text_encoder, self.cache)
 
     def classify_files(self, paths: Iterable[Path], batch_size: int = 32) -> Iterator[FileResult]:
         batch: list[tuple[Path, object, dict]] = []

@@ -222,3 +222,24 @@ class DecisionEngine:
             model_sha256=self.model.sha256, model_architecture=self.model.architecture,
             image_sha256=image_sha, timings_ms=timings, metadata=metadata, decided_at=now,
         )
+
+
+class PolicyCompiler:
+    """Compiles policies for one exported model; what both the worker and ``classify`` wire.
+
+    Binds the model's identity and temperature, the prompt-embedding cache and a
+    text-encoder factory (only called on a cache miss), so a reload is ``compiler(loaded)``.
+    """
+
+    def __init__(self, model_dir, cache: EmbeddingCache, text_encoder: Callable[[], object]) -> None:
+        self.model_dir = model_dir
+        self.cache = cache
+        self.text_encoder = text_encoder
+
+    def __call__(self, loaded: LoadedPolicy) -> CompiledPolicy:
+        return compile_policy(loaded, self.model_dir.model_sha256, self.model_dir.manifest.logit_scale,
+                              self.text_encoder, self.cache)
+
+    def engine(self, loaded: LoadedPolicy) -> DecisionEngine:
+        m = self.model_dir
+        return DecisionEngine(self(loaded), ModelInfo(m.model_sha256, m.manifest.architecture))

@@ -42,8 +42,8 @@ from moderator.batching import MicroBatcher
 from moderator.cache import DecisionCache, cache_key
 from moderator.config import WorkerSettings
 from moderator.decide.embeddings import InProcessCache, RedisEmbeddingCache
-from moderator.decide.engine import DecisionEngine, ModelInfo, compile_policy
-from moderator.decide.policy import LoadedPolicy, load_policy
+from moderator.decide.engine import PolicyCompiler
+from moderator.decide.policy import load_policy
 from moderator.decide.reload import PolicyWatcher
 from moderator.decode import DecodeLimits, decode_image
 from moderator.encode import ImageEncoder, ModelDirectory, TextEncoder
@@ -134,14 +134,10 @@ class Worker:
         prompt_cache = (RedisEmbeddingCache.from_url(settings.redis_url, timeout=settings.redis_timeout_s)
                         if settings.redis_url else InProcessCache())
 
-        def compile_fn(loaded: LoadedPolicy):
-            return compile_policy(
-                loaded, self.model_sha256, self.model_dir.manifest.logit_scale,
-                lambda: TextEncoder(self.model_dir, providers=settings.ort_providers or None, intra_op_threads=threads),
-                prompt_cache)
-
-        self.engine = DecisionEngine(compile_fn(load_policy(settings.policy)),
-                                     ModelInfo(self.model_sha256, self.model_dir.manifest.architecture))
+        compile_fn = PolicyCompiler(
+            self.model_dir, prompt_cache,
+            lambda: TextEncoder(self.model_dir, providers=settings.ort_providers or None, intra_op_threads=threads))
+        self.engine = compile_fn.engine(load_policy(settings.policy))
         self._watcher = (PolicyWatcher(settings.policy, self.engine, compile_fn, settings.policy_reload_interval_s)
                          if settings.policy_reload_interval_s > 0 else None)
         self.decision_cache = (
