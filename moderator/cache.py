@@ -1,11 +1,12 @@
-"""Content-hash decision cache: an image seen before skips decode and encode.
+"""Image-embedding cache, keyed by content hash: an image seen before skips decode and encode.
 
-Key: ``moderator:decision:v1:<model sha256>:<policy sha256>:<image sha256>``, so a
-new model or a new policy version never reuses an old entry. Value: the image's
-embedding (float32 bytes), from which the worker re-applies the policy to give
-exactly the decision a fresh run would: the same scores and actions, with the
-per-event parts (event id, metadata, the audit sample drawn per event id) of
-*this* event. Scoring is microseconds; decode and encode are what it saves.
+Key: ``moderator:image-embedding:v1:<model sha256>:<image sha256>``. It stores what
+the image *is* to this model (its embedding), not a decision, so a policy edit
+keeps every entry: the worker re-applies the policy in force to the cached
+embedding, which gives exactly the decision a fresh run would (the same scores
+and actions, with the per-event parts -- event id, metadata, the audit sample
+drawn per event id -- of *this* event). Scoring is microseconds; decode and
+encode are what it saves. A new model never reuses an old entry.
 
 Redis is optional and never required: when it fails the worker decodes and
 encodes as if nothing were cached, counts the failure, logs once per outage
@@ -23,24 +24,24 @@ import numpy as np
 from moderator import metrics
 from moderator.decide.embeddings import RedisHealth
 
-KEY_PREFIX = "moderator:decision:v1"
+KEY_PREFIX = "moderator:image-embedding:v1"
 
 
-def cache_key(image_sha256: str, model_sha256: str, policy_sha256: str) -> str:
-    return f"{KEY_PREFIX}:{model_sha256}:{policy_sha256}:{image_sha256}"
+def image_embedding_key(model_sha256: str, image_sha256: str) -> str:
+    return f"{KEY_PREFIX}:{model_sha256}:{image_sha256}"
 
 
-class DecisionCache:
+class ImageEmbeddingCache:
     def __init__(self, client, ttl_s: int, retry_s: float = 2.0, health: RedisHealth | None = None) -> None:
         self.client = client
         self.ttl_s = int(ttl_s)
         self.retry_s = retry_s
-        self.health = health or RedisHealth("redis (decision cache)")
+        self.health = health or RedisHealth("redis (image-embedding cache)")
         self._skip_until = 0.0
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int, *, timeout_s: float = 0.5, retry_s: float = 2.0) -> "DecisionCache":
+    def from_url(cls, url: str, ttl_s: int, *, timeout_s: float = 0.5, retry_s: float = 2.0) -> "ImageEmbeddingCache":
         import redis  # noqa: PLC0415
 
         client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
@@ -58,19 +59,19 @@ class DecisionCache:
 
     def get(self, key: str) -> np.ndarray | None:
         if not self.available:
-            metrics.DECISION_CACHE.labels(result="unavailable").inc()
+            metrics.IMAGE_EMBEDDING_CACHE.labels(result="unavailable").inc()
             return None
         try:
             raw = self.client.get(key)
         except Exception as e:  # redis-py: ConnectionError, TimeoutError, ...
-            self._failed("decision_cache_get", e)
-            metrics.DECISION_CACHE.labels(result="unavailable").inc()
+            self._failed("image_embedding_cache_get", e)
+            metrics.IMAGE_EMBEDDING_CACHE.labels(result="unavailable").inc()
             return None
         self.health.ok()
         if not raw or len(raw) % 4:
-            metrics.DECISION_CACHE.labels(result="miss").inc()
+            metrics.IMAGE_EMBEDDING_CACHE.labels(result="miss").inc()
             return None
-        metrics.DECISION_CACHE.labels(result="hit").inc()
+        metrics.IMAGE_EMBEDDING_CACHE.labels(result="hit").inc()
         return np.frombuffer(raw, dtype=np.float32).copy()
 
     def put_many(self, entries: list[tuple[str, np.ndarray]]) -> None:
@@ -82,7 +83,7 @@ class DecisionCache:
                 pipe.set(key, np.ascontiguousarray(emb, dtype=np.float32).tobytes(), ex=self.ttl_s or None)
             pipe.execute()
         except Exception as e:
-            self._failed("decision_cache_put", e)
+            self._failed("image_embedding_cache_put", e)
             return
         self.health.ok()
 

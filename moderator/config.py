@@ -14,7 +14,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -47,10 +47,35 @@ class WorkerSettings(BaseSettings):
     policy: Path = Field(default=Path("/etc/moderator/policy.yaml"), description="policy YAML file")
     policy_reload_interval_s: float = Field(
         default=2.0, ge=0, description="how often to check the policy file for a new version; 0 disables")
+
+    # --- image encoder -----------------------------------------------------------------
+    encoder_backend: Literal["onnx", "torch"] = Field(
+        default="onnx", description="image encoder runtime: onnx (ONNX Runtime; the default image has no torch) "
+                                    "or torch (needs moderator[train]; fp16 + CUDA graphs on a GPU)")
     ort_providers: CommaList = Field(
         default=[], description="ONNX Runtime execution providers in order, comma-separated; "
                                 "empty: the best this build offers")
     ort_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: runtime default")
+    ort_io_binding: bool = Field(
+        default=True, description="on the CUDA/TensorRT providers, bind inputs and outputs to the device "
+                                  "(one copy each way per batch)")
+    ort_trt_fp16: bool = Field(default=True, description="TensorRT provider: build fp16 engines")
+    ort_trt_engine_cache_dir: str = Field(
+        default="", description="TensorRT provider: directory for built engines (minutes to build; mount a "
+                                "volume); empty: rebuild at every start")
+    gpu_device_id: int = Field(default=0, ge=0, description="CUDA device for the GPU providers and torch")
+    torch_device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="torch backend device: auto (cuda when available), cpu, cuda or cuda:N")
+    torch_fp16: bool = Field(default=True, description="torch backend on CUDA: fp16 weights and activations")
+    torch_cuda_graphs: bool = Field(
+        default=True, description="torch backend on CUDA: replay one CUDA graph per batch-size bucket")
+    gpu_decode: bool = Field(
+        default=True, description="torch backend on CUDA: decode JPEGs in batches with nvJPEG and resize on "
+                                  "the GPU; other formats and any failure take the CPU path")
+    jpeg_draft: bool = Field(
+        default=True, description="decode JPEGs at least 2x the model input at 1/2, 1/4 or 1/8 scale in the "
+                                  "DCT domain (never below the input size); false: always full size")
 
     # --- Kafka ------------------------------------------------------------------------
     kafka_bootstrap_servers: str = Field(default="localhost:9092", description="Kafka bootstrap servers")
@@ -87,10 +112,16 @@ class WorkerSettings(BaseSettings):
     kafka_ssl_cafile: str = Field(default="", description="CA bundle that signs the brokers' certificates")
     kafka_ssl_certfile: str = Field(default="", description="client certificate for mutual TLS")
     kafka_ssl_keyfile: str = Field(default="", description="client private key for mutual TLS")
+    kafka_require_native_crc32c: bool = Field(
+        default=True, description="refuse to start when kafka-python would checksum records in pure Python "
+                                  "(the crc32c package is missing); false: log, export a 0 and run slowly")
 
     # --- batching and back-pressure ------------------------------------------------------
     max_batch: int = Field(default=32, ge=1, description="a batch closes at this many images...")
     max_wait_ms: int = Field(default=50, ge=0, description="...or this long after its first event")
+    adaptive_batching: bool = Field(
+        default=True, description="when the encoder is idle a waiting batch goes at once instead of at "
+                                  "max_wait_ms; under load batches still fill to max_batch")
     prepare_workers: int = Field(default=4, ge=1, description="threads that fetch, hash, decode and preprocess")
     max_in_flight: int = Field(
         default=512, ge=1,
@@ -125,8 +156,10 @@ class WorkerSettings(BaseSettings):
 
     # --- caches -----------------------------------------------------------------------------------
     redis_url: str | None = Field(
-        default=None, description="Redis for the decision cache and policy embeddings; unset: no Redis")
-    decision_cache_ttl_s: int = Field(default=86_400, ge=0, description="decision cache TTL; 0 disables the cache")
+        default=None, description="Redis for the image-embedding cache and policy embeddings; unset: no Redis")
+    image_embedding_cache_ttl_s: int = Field(
+        default=86_400, ge=0, description="image-embedding cache TTL (keyed by model + image content, so "
+                                          "policy edits keep it); 0 disables the cache")
     redis_timeout_s: float = Field(default=0.5, gt=0, description="Redis socket timeout")
     redis_retry_s: float = Field(default=2.0, ge=0, description="after a Redis failure, skip it this long")
 

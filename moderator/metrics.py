@@ -34,7 +34,9 @@ SCORE_SECONDS = Histogram(
 
 # --- streaming worker (moderator run) ------------------------------------------------
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Fine below 100 ms so a 60 ms budget (p99 consume -> ack) can be read off the histogram.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.15, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 EVENTS_CONSUMED = Counter(
@@ -60,8 +62,9 @@ ENCODE_BATCH_SECONDS = Histogram(
     "moderator_encode_batch_seconds", "Image encoder time per batch", buckets=_STAGE_BUCKETS
 )
 DEAD_LETTERS = Counter("moderator_dead_letters_total", "Inputs sent to the dead-letter topic", ["reason"])
-DECISION_CACHE = Counter(
-    "moderator_decision_cache_total", "Content-hash decision cache lookups (hit, miss, unavailable)", ["result"]
+IMAGE_EMBEDDING_CACHE = Counter(
+    "moderator_image_embedding_cache_total",
+    "Image-embedding cache lookups by content hash (hit, miss, unavailable)", ["result"]
 )
 URL_FETCHES = Counter("moderator_url_fetches_total", "Image URL fetches by outcome (ok or reason)", ["result"])
 RECORDS_PUBLISHED = Counter(
@@ -84,5 +87,9 @@ CONSUMER_LAG = Gauge(
 IN_FLIGHT = Gauge("moderator_in_flight_records", "Consumed records whose outputs are not all acknowledged yet")
 IN_FLIGHT_BYTES = Gauge("moderator_in_flight_bytes", "Bytes of the in-flight records' values")
 CONSUMER_PAUSED = Gauge("moderator_consumer_paused", "1 while fetching is paused by back-pressure")
+KAFKA_NATIVE_CRC32C = Gauge(
+    "moderator_kafka_native_crc32c",
+    "1 when kafka-python checksums records with the C crc32c package, 0 on its slow pure-Python fallback",
+)
 WORKER_READY = Gauge("moderator_worker_ready", "1 when model, policy and group assignment are in place")
 WORKER_INFO = Info("moderator_worker", "Worker instance: client id, group, topics")

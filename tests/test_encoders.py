@@ -112,17 +112,19 @@ def test_tampered_file_is_refused(random_model_dir, tmp_path):
         ModelDirectory(copy)
 
 
-def test_provider_choice(monkeypatch):
-    monkeypatch.delenv("MODERATOR_ORT_PROVIDERS", raising=False)
-    assert choose_providers()[-1] == "CPUExecutionProvider"
-    monkeypatch.setenv("MODERATOR_ORT_PROVIDERS", "CPUExecutionProvider")
-    assert choose_providers() == ["CPUExecutionProvider"]
-    monkeypatch.setenv("MODERATOR_ORT_PROVIDERS", "CUDAExecutionProvider,CPUExecutionProvider")
-    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
-        with pytest.raises(ModelError, match="not available"):
-            choose_providers()
-    monkeypatch.delenv("MODERATOR_ORT_PROVIDERS")
+def test_provider_choice():
+    import onnxruntime as ort
+
+    chosen = choose_providers()
+    available = ort.get_available_providers()
+    # the preferred order, restricted to what this build has, CPU last
+    assert chosen == [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+                      if p in available]
+    assert chosen[-1] == "CPUExecutionProvider"
     assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        with pytest.raises(ModelError, match=r"not available.*moderator\[gpu\]"):
+            choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(ModelError, match="not available"):
         choose_providers(["NoSuchExecutionProvider"])
 

@@ -274,3 +274,26 @@ def test_kafka_security_settings_reach_the_clients(monkeypatch):
         WorkerSettings(kafka_security_protocol="SSL", kafka_ssl_certfile="/tls/c.crt")
     with pytest.raises(ValidationError):
         WorkerSettings(kafka_security_protocol="TLS")
+
+
+def test_adaptive_batch_goes_at_once_when_downstream_is_idle_and_fills_when_busy():
+    busy = threading.Event()
+    b = MicroBatcher(4, max_wait_ms=60_000, idle=lambda: not busy.is_set())
+    b.put(1)
+    t0 = time.monotonic()
+    assert b.get_batch(timeout=5) == [1]  # idle: no waiting for the 60 s deadline
+    assert time.monotonic() - t0 < 1.0
+    busy.set()  # the encoder is working: items accumulate into a full batch
+    for i in range(6):
+        b.put(i)
+    assert b.get_batch(timeout=5) == [0, 1, 2, 3]
+    assert b.get_batch(timeout=0.2) == []  # 2 wait, downstream busy, deadline far away
+
+    def finish_soon():
+        time.sleep(0.3)
+        busy.clear()
+        b.wake()  # the encoder went idle: the 2 waiting items go now, not in 60 s
+    threading.Thread(target=finish_soon, daemon=True).start()
+    t0 = time.monotonic()
+    assert b.get_batch(timeout=10) == [4, 5]
+    assert 0.25 < time.monotonic() - t0 < 5.0

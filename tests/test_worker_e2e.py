@@ -105,7 +105,7 @@ def test_mechanics_keys_headers_copies_cache_ops_and_commits(
     assert not missing, f"metrics not exported: {missing}"
     for stage in ("queue_wait", "decode", "encode", "score", "publish"):
         assert f'moderator_stage_seconds_count{{stage="{stage}"}}' in text, stage
-    assert 'moderator_decision_cache_total{result="hit"}' in text
+    assert 'moderator_image_embedding_cache_total{result="hit"}' in text
     assert "moderator_consumer_lag{" in text and 'moderator_end_to_end_latency_seconds_count{clock="consumed"}' in text
 
     # drain and close: every consumed offset is committed

@@ -67,12 +67,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK (with Pillow's profile-less conversion), L, P, YCbCr, F, 1
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), *, sha256: str | None = None,
+                 draft: tuple[int, int] | None = None) -> DecodedImage:
+    """Decode untrusted bytes. ``sha256``: the caller's digest of ``data`` (hashed here if not
+    given, so a worker that hashed for its cache does not hash twice). ``draft``: the
+    smallest (width, height) the caller will use; a JPEG at least twice that size on both
+    sides is then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``),
+    never below ``draft``. ``original_size`` always reports the full size."""
     if not data:
         raise EmptyImage("zero bytes")
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"{len(data)} bytes exceeds the {limits.max_bytes} byte cap")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256 or hashlib.sha256(data).hexdigest()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -97,8 +103,10 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedI
         mode = img.mode
         try:
             img.seek(0)
+            if draft is not None and fmt in ("JPEG", "MPO") and w >= 2 * draft[0] and h >= 2 * draft[1]:
+                img.draft("RGB" if mode in ("RGB", "YCbCr") else None, draft)
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
             rgb = _to_rgb(img)
             rgb.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -122,3 +130,4 @@ def _open_formats(allowed: frozenset[str]) -> list[str]:
 # (clearer than "not an image" for, say, an SVG-less PSD upload).
 _ALL_KNOWN = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PPM", "TGA", "PSD",
                         "JPEG2000", "PCX", "DDS", "SGI", "IM", "MPO", "AVIF", "HEIF", "QOI"})  # never EPS: it runs Ghostscript
+

@@ -1,20 +1,17 @@
 """The streaming worker (``moderator run``): Kafka in, micro-batches, decisions out, nothing lost.
 
-Threads and what each owns:
+``Worker.run()`` is four steps: start (ops port, policy watcher, producer,
+consumer, pipeline threads), consume, drain, close. The parts:
 
 - **consumer** (the caller of ``run()``): polls, registers each record with the
-  ``OffsetTracker``, feeds the ``MicroBatcher``, pauses fetching when too much is
-  in flight (back-pressure instead of memory growth), commits acknowledged
-  offsets, and on SIGTERM drains and closes within the grace period.
-- **dispatch**: takes closed batches and submits every record's *prepare* step
-  (parse, fetch, hash, cache lookup, decode, preprocess) to a bounded thread pool;
-  at most two batches wait for the encoder, so decoding the next batch overlaps
-  encoding this one and a slow encoder stalls the batcher, not memory.
-- **encode**: one ``ImageEncoder`` call per batch for the cache misses, then the
-  policy, then publishing. Decisions and dead letters leave in consumption order.
+  ``OffsetTracker``, feeds the pipeline, pauses fetching when too much is in
+  flight (back-pressure instead of memory growth) and lets the
+  ``OffsetCommitter`` commit acknowledged offsets (``worker/commits.py``).
+- **pipeline** (``worker/pipeline.py``): batcher -> dispatch -> prepare pool ->
+  encode thread: parse, fetch, hash, cache, decode, encode, decide, publish.
 - kafka-python's own IO threads: the producer acknowledges records (-> the
   tracker marks an input done once *all* its records are acked) and the consumer
-  runs the group protocol (-> ``_on_revoked`` / ``_on_assigned``).
+  runs the group protocol (-> the committer's rebalance hooks).
 
 Delivery is at-least-once: an offset is committed only once every record derived
 from it and from every earlier offset of its partition is acknowledged. A crash
@@ -26,149 +23,135 @@ timeout *does* stop it (exit 1) -- committing past it would lose it.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import numpy as np
 from kafka.structs import TopicPartition
 
 from moderator import metrics
-from moderator.batching import MicroBatcher
-from moderator.cache import DecisionCache, cache_key
+from moderator.cache import ImageEmbeddingCache
 from moderator.config import WorkerSettings
 from moderator.decide.embeddings import InProcessCache, RedisEmbeddingCache
 from moderator.decide.engine import PolicyCompiler
 from moderator.decide.policy import load_policy
 from moderator.decide.reload import PolicyWatcher
-from moderator.decode import DecodeLimits, decode_image
-from moderator.encode import ImageEncoder, ModelDirectory, TextEncoder
-from moderator.errors import DeliveryError, ModeratorError
+from moderator.decode import DecodeLimits
+from moderator.encode import ModelDirectory, TextEncoder
+from moderator.encode.factory import TorchOptions, open_image_encoder
+from moderator.encode.onnx_backend import OrtOptions
 from moderator.fetch import AddressPolicy, FetchLimits, UrlFetcher
-from moderator.ingest import EventLimits, ParsedEvent, RebalanceHooks, make_consumer, parse_record, subscribe
-from moderator.publish import DecisionPublisher, SourceRecord, Topics, build_dead_letter
+from moderator.ingest import EventLimits, RebalanceHooks, make_consumer, subscribe
+from moderator.ingest.crc import check_native_crc32c
+from moderator.publish import DecisionPublisher, SourceRecord, Topics
+from moderator.worker.commits import OffsetCommitter
 from moderator.worker.http import OpsServer
 from moderator.worker.offsets import OffsetTracker
+from moderator.worker.pipeline import BatchStages, Pipeline, WorkerStats, WorkItem
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class WorkItem:
-    tp: TopicPartition
-    epoch: int
-    source: SourceRecord
-    headers: list
-    consumed_wall: float
-    consumed_mono: float
+__all__ = ["Worker", "WorkerStats", "run_worker", "ort_options", "torch_options", "fetch_limits",
+           "decode_limits", "event_limits"]
 
 
-@dataclass
-class Prepared:
-    item: WorkItem
-    event: ParsedEvent | None = None
-    event_id: str | None = None
-    error: ModeratorError | None = None
-    image_sha256: str | None = None
-    pixels: np.ndarray | None = None
-    embedding: np.ndarray | None = None
-    cached: bool = False
-    stale: bool = False
-    published: bool = False
-    timings: dict = field(default_factory=dict)
+# -- limit and option objects, each built from WorkerSettings only (one source per setting) ----------
+
+def ort_options(s: WorkerSettings) -> OrtOptions:
+    return OrtOptions(providers=tuple(s.ort_providers), intra_op_threads=s.ort_threads, device_id=s.gpu_device_id,
+                      trt_fp16=s.ort_trt_fp16, trt_engine_cache_dir=s.ort_trt_engine_cache_dir,
+                      io_binding=s.ort_io_binding)
 
 
-@dataclass
-class WorkerStats:
-    """Counters for tests, the benchmark and the demo (Prometheus has the same, by label)."""
-
-    consumed: int = 0
-    decisions: int = 0
-    dead_letters: int = 0
-    cache_hits: int = 0
-    inputs_acked: int = 0
-    first_consumed_at: float | None = None
-    last_acked_at: float | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for k, v in counts.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+def torch_options(s: WorkerSettings) -> TorchOptions:
+    return TorchOptions(device=s.torch_device, fp16=s.torch_fp16, cuda_graphs=s.torch_cuda_graphs,
+                        max_batch=s.max_batch, gpu_decode=s.gpu_decode)
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
+def fetch_limits(s: WorkerSettings) -> FetchLimits:
+    return FetchLimits(connect_timeout_s=s.fetch_connect_timeout_s, read_timeout_s=s.fetch_read_timeout_s,
+                       total_timeout_s=s.fetch_total_timeout_s, max_bytes=s.max_image_bytes,
+                       max_redirects=s.fetch_max_redirects, user_agent=s.fetch_user_agent)
+
+
+def decode_limits(s: WorkerSettings) -> DecodeLimits:
+    return DecodeLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_pixels, formats=frozenset(s.image_formats))
+
+
+def event_limits(s: WorkerSettings) -> EventLimits:
+    return EventLimits(max_event_bytes=s.max_event_bytes, max_image_bytes=s.max_image_bytes)
 
 
 class Worker:
     """Loads the model and policy at construction (fail fast); ``run()`` serves until stopped."""
 
     def __init__(self, settings: WorkerSettings, *, fetcher: UrlFetcher | None = None) -> None:
-        self.s = settings
+        s = self.s = settings
         self.stats = WorkerStats()
         self.tracker = OffsetTracker()
+        self.committer = OffsetCommitter(self.tracker, commit_interval_ms=s.commit_interval_ms,
+                                         revoke_wait_ms=s.revoke_wait_ms)
+        self.ready_event = self.committer.assigned_once
         self._stop = threading.Event()
-        self.ready_event = threading.Event()
         self._fatal: BaseException | None = None
-        self._closing = False
         self._consumer = None
         self._publisher: DecisionPublisher | None = None
         self.ops: OpsServer | None = None
 
-        # model + policy (the decide stage), Redis-cached prompt embeddings when configured
-        self.model_dir = ModelDirectory(settings.model_dir)
+        # kafka-python without its C CRC-32C runs at half speed: refuse (or say so) before anything else
+        if not check_native_crc32c(s.kafka_require_native_crc32c):
+            log.warning("kafka-python is checksumming records in pure Python: install `crc32c`",
+                        extra={"event": "slow_crc32c"})
+        self.model_dir = ModelDirectory(s.model_dir)
         self.model_sha256 = self.model_dir.model_sha256
-        threads = settings.ort_threads or None
-        self.encoder = ImageEncoder(self.model_dir, providers=settings.ort_providers or None, intra_op_threads=threads)
-        self.preprocessor = self.encoder.preprocessor
-        self.embed_dim = self.model_dir.manifest.embed_dim
-        prompt_cache = (RedisEmbeddingCache.from_url(settings.redis_url, timeout=settings.redis_timeout_s)
-                        if settings.redis_url else InProcessCache())
-
-        compile_fn = PolicyCompiler(
-            self.model_dir, prompt_cache,
-            lambda: TextEncoder(self.model_dir, providers=settings.ort_providers or None, intra_op_threads=threads))
-        self.engine = compile_fn.engine(load_policy(settings.policy))
-        self._watcher = (PolicyWatcher(settings.policy, self.engine, compile_fn, settings.policy_reload_interval_s)
-                         if settings.policy_reload_interval_s > 0 else None)
-        self.decision_cache = (
-            DecisionCache.from_url(settings.redis_url, settings.decision_cache_ttl_s,
-                                   timeout_s=settings.redis_timeout_s, retry_s=settings.redis_retry_s)
-            if settings.redis_url and settings.decision_cache_ttl_s > 0 else None)
-
-        self.fetcher = fetcher or UrlFetcher(
-            FetchLimits(connect_timeout_s=settings.fetch_connect_timeout_s,
-                        read_timeout_s=settings.fetch_read_timeout_s,
-                        total_timeout_s=settings.fetch_total_timeout_s,
-                        max_bytes=settings.max_image_bytes, max_redirects=settings.fetch_max_redirects,
-                        user_agent=settings.fetch_user_agent),
-            AddressPolicy(settings.fetch_allow_networks, settings.fetch_allow_hosts))
-        self.decode_limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels,
-                                          formats=frozenset(settings.image_formats))
-        self.event_limits = EventLimits(max_event_bytes=settings.max_event_bytes,
-                                        max_image_bytes=settings.max_image_bytes)
-        self.topics = Topics(settings.decisions_topic, settings.flagged_topic, settings.review_topic,
-                             settings.dead_letter_topic)
-
-        self.batcher: MicroBatcher[WorkItem] = MicroBatcher(settings.max_batch, settings.max_wait_ms)
-        self._ready: queue.Queue = queue.Queue(maxsize=2)
-        self._pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
-        self._threads: list[threading.Thread] = []
-
+        self.encoder = open_image_encoder(self.model_dir, s.encoder_backend, ort=ort_options(s),
+                                          torch=torch_options(s), device_id=s.gpu_device_id)
+        self.engine, self._watcher = self._load_policy()
+        self.embedding_cache = (
+            ImageEmbeddingCache.from_url(s.redis_url, s.image_embedding_cache_ttl_s,
+                                         timeout_s=s.redis_timeout_s, retry_s=s.redis_retry_s)
+            if s.redis_url and s.image_embedding_cache_ttl_s > 0 else None)
+        self.pipeline = Pipeline(
+            engine=self.engine, encoder=self.encoder, model_sha256=self.model_sha256,
+            embed_dim=self.model_dir.manifest.embed_dim, tracker=self.tracker, stats=self.stats,
+            fetcher=fetcher or UrlFetcher(fetch_limits(s), AddressPolicy(s.fetch_allow_networks,
+                                                                         s.fetch_allow_hosts)),
+            event_limits=event_limits(s), decode_limits=decode_limits(s), embedding_cache=self.embedding_cache,
+            jpeg_draft=s.jpeg_draft, client_id=s.client_id,
+            dead_letter_max_value_bytes=s.dead_letter_max_value_bytes, on_fatal=self._fail,
+            device_jpeg=getattr(self.encoder, "device_jpeg", None) if s.gpu_decode else None)
+        self.stages = BatchStages(self.pipeline, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
+                                  prepare_workers=s.prepare_workers, adaptive=s.adaptive_batching,
+                                  on_fatal=self._fail)
+        info = getattr(self.encoder, "runtime_info", dict)()
         metrics.MODEL_INFO.info({"architecture": self.model_dir.manifest.architecture,
                                  "sha256": self.model_sha256, "precision": self.model_dir.manifest.precision,
-                                 "providers": ",".join(self.encoder.providers)})
-        metrics.WORKER_INFO.info({"client_id": settings.client_id, "group": settings.consumer_group,
-                                  "input_topic": settings.input_topic})
+                                 "backend": s.encoder_backend,
+                                 "providers": ",".join(info.get("providers", [info.get("device", "")])),
+                                 "device": str(info.get("device", getattr(self.encoder, "output_device", "cpu"))),
+                                 "quantization": self._quantization()})
+        metrics.WORKER_INFO.info({"client_id": s.client_id, "group": s.consumer_group,
+                                  "input_topic": s.input_topic})
+        log.info("image encoder ready", extra={"event": "encoder", **{k: str(v) for k, v in info.items()}})
+
+    def _load_policy(self):
+        s = self.s
+        prompt_cache = (RedisEmbeddingCache.from_url(s.redis_url, timeout=s.redis_timeout_s)
+                        if s.redis_url else InProcessCache())
+        # The text encoder runs on ONNX Runtime's CPU provider whatever the image backend:
+        # prompts are embedded once per policy version and cached.
+        compile_fn = PolicyCompiler(
+            self.model_dir, prompt_cache,
+            lambda: TextEncoder(self.model_dir, options=OrtOptions(intra_op_threads=s.ort_threads)))
+        engine = compile_fn.engine(load_policy(s.policy))
+        watcher = (PolicyWatcher(s.policy, engine, compile_fn, s.policy_reload_interval_s)
+                   if s.policy_reload_interval_s > 0 else None)
+        return engine, watcher
+
+    def _quantization(self) -> str:
+        q = getattr(self.model_dir.manifest, "quantization", None)
+        return getattr(q, "method", None) or (q.get("method") if isinstance(q, dict) else None) or "none"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -181,7 +164,7 @@ class Worker:
         return self.ops.port if self.ops else None
 
     def _health(self) -> tuple[bool, dict]:
-        dead = [t.name for t in self._threads if not t.is_alive()] if not self._stop.is_set() else []
+        dead = [t.name for t in self.stages.threads if not t.is_alive()] if not self._stop.is_set() else []
         ok = self._fatal is None and not dead
         return ok, {"fatal": repr(self._fatal) if self._fatal else None, "dead_threads": dead}
 
@@ -205,38 +188,50 @@ class Worker:
 
     def run(self) -> int:
         """Serve until ``request_stop()`` (or a fatal delivery error). Returns the exit status."""
+        with contextlib.ExitStack() as closing:
+            self._start(closing)
+            try:
+                self._consume()
+            except Exception as e:
+                log.exception("consumer loop failed")
+                self._fail(e)
+            self._drain()
+        log.info("stopped", extra={"event": "stopped", **{
+            k: v for k, v in self.stats.snapshot().items() if not k.endswith("_at") and k != "stage_seconds"}})
+        return 1 if self._fatal is not None else 0
+
+    def _start(self, closing: contextlib.ExitStack) -> None:
+        """Everything that serves, each with its teardown registered (undone in reverse order)."""
         s = self.s
         self.ops = OpsServer(s.http_host, s.http_port, health=self._health, ready=self._ready_probe).start()
+        closing.callback(self.ops.stop)
+        closing.callback(metrics.WORKER_READY.set, 0)
         if self._watcher:
             self._watcher.start()
-        self._publisher = DecisionPublisher(s.kafka_bootstrap_servers, self.topics, client_id=s.client_id,
-                                            linger_ms=s.linger_ms, delivery_timeout_ms=s.delivery_timeout_ms,
-                                            security=s.kafka_security())
+            closing.callback(self._watcher.stop)
+        if self.embedding_cache is not None:
+            closing.callback(self.embedding_cache.close)
+        closing.callback(self.stages.shutdown)
+        self._publisher = DecisionPublisher(s.kafka_bootstrap_servers, Topics(*s.output_topics()),
+                                            client_id=s.client_id, linger_ms=s.linger_ms,
+                                            delivery_timeout_ms=s.delivery_timeout_ms, security=s.kafka_security())
+        self.pipeline.publisher = self._publisher
+        closing.callback(self._close_producer)
         self._consumer = make_consumer(s)
+        self.committer.attach(self._consumer)
         subscribe(self._consumer, s.input_topic,
-                  RebalanceHooks(self._on_revoked, self._on_assigned, self._on_lost))
-        self._threads = [threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True),
-                         threading.Thread(target=self._encode_loop, name="encode", daemon=True)]
-        for t in self._threads:
-            t.start()
+                  RebalanceHooks(self.committer.on_revoked, self.committer.on_assigned, self.committer.on_lost))
+        closing.callback(self._close_consumer)
+        self.stages.start()
         log.info("worker started", extra={"event": "started", "input_topic": s.input_topic,
                                           "group": s.consumer_group, "http_port": self.ops.port,
                                           "policy_version": self.engine.policy.version,
-                                          "model_sha256": self.model_sha256})
-        try:
-            self._consume_loop()
-        except Exception as e:
-            log.exception("consumer loop failed")
-            self._fail(e)
-        finally:
-            self._shutdown()
-        return 1 if self._fatal is not None else 0
+                                          "model_sha256": self.model_sha256, "encoder_backend": s.encoder_backend})
 
     # -- consumer thread ---------------------------------------------------------------------------
 
-    def _consume_loop(self) -> None:
+    def _consume(self) -> None:
         s, consumer = self.s, self._consumer
-        next_commit = time.monotonic() + s.commit_interval_ms / 1000
         while not self._stop.is_set():
             room = s.max_in_flight - self.tracker.in_flight
             if room <= 0 or self.tracker.in_flight_bytes >= s.max_in_flight_bytes:
@@ -256,10 +251,7 @@ class Worker:
                     self._ingest(tp, rec)
             metrics.IN_FLIGHT.set(self.tracker.in_flight)
             metrics.IN_FLIGHT_BYTES.set(self.tracker.in_flight_bytes)
-            if time.monotonic() >= next_commit:
-                self._commit()
-                self._update_lag()
-                next_commit = time.monotonic() + s.commit_interval_ms / 1000
+            self.committer.tick()
 
     def _ingest(self, tp: TopicPartition, rec) -> None:
         metrics.EVENTS_CONSUMED.labels(topic=tp.topic).inc()
@@ -272,276 +264,45 @@ class Worker:
             self.stats.first_consumed_at = now
         self.stats.add(consumed=1)
         src = SourceRecord(tp.topic, tp.partition, rec.offset, rec.timestamp, rec.key, value)
-        self.batcher.put(WorkItem(tp, epoch, src, list(rec.headers or ()), now, time.monotonic()))
+        self.stages.put(WorkItem(tp, epoch, src, list(rec.headers or ()), now, time.monotonic()))
 
-    def _commit(self) -> None:
-        offsets = self.tracker.to_commit()
-        if not offsets:
-            return
-        try:
-            self._consumer.commit(offsets, timeout_ms=10_000)
-        except Exception as e:  # rebalance in progress, coordinator moving: offered again next time
-            metrics.OFFSET_COMMITS.labels(result="error").inc()
-            log.warning("offset commit failed (will retry): %s: %s", type(e).__name__, e,
-                        extra={"event": "commit_failed"})
-            return
-        self.tracker.committed(offsets)
-        metrics.OFFSET_COMMITS.labels(result="ok").inc()
+    # -- drain and close -------------------------------------------------------------------------------
 
-    def _update_lag(self) -> None:
-        for tp, pos in self.tracker.consumed_positions().items():
-            hw = self._consumer.highwater(tp)
-            if hw is not None:
-                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, hw - pos))
-
-    # -- rebalance hooks (kafka-python's IO thread: no blocking consumer calls) -------------------
-
-    def _on_assigned(self, tps: set[TopicPartition]) -> None:
-        self.tracker.assign(tps)
-        metrics.REBALANCES.labels(event="assigned").inc(len(tps))
-        self.ready_event.set()
-        metrics.WORKER_READY.set(1)
-        log.info("partitions assigned", extra={"event": "assigned",
-                                               "partitions": sorted(f"{t.topic}/{t.partition}" for t in tps)})
-
-    def _on_revoked(self, tps: set[TopicPartition]) -> None:
-        if not tps:
-            return
-        # Finish what is in flight for these partitions if it is quick, commit it, drop the rest.
-        wait_s = 0.0 if self._closing else self.s.revoke_wait_ms / 1000
-        self.tracker.wait_drained(wait_s, tps)
-        offsets = self.tracker.to_commit(tps)
-        if offsets and not self._closing:
-            try:
-                self._consumer.commit_async(offsets)
-            except Exception as e:
-                log.warning("commit on revoke failed: %s", e, extra={"event": "commit_failed"})
-        self._forget(tps, "revoked")
-
-    def _on_lost(self, tps: set[TopicPartition]) -> None:
-        self._forget(tps, "lost")  # no longer ours: committing would be refused anyway
-
-    def _forget(self, tps: set[TopicPartition], why: str) -> None:
-        dropped = self.tracker.revoke(tps)
-        metrics.REBALANCES.labels(event=why).inc(len(tps))
-        if dropped:
-            metrics.DROPPED_ON_REVOKE.inc(dropped)
-        for tp in tps:
-            try:
-                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
-            except KeyError:
-                pass
-        log.info("partitions %s", why, extra={"event": why, "dropped_in_flight": dropped,
-                                             "partitions": sorted(f"{t.topic}/{t.partition}" for t in tps)})
-
-    # -- dispatch thread ------------------------------------------------------------------------------
-
-    def _dispatch_loop(self) -> None:
-        try:
-            while True:
-                batch = self.batcher.get_batch(timeout=0.5)
-                if batch is None:
-                    break
-                if not batch:
-                    continue
-                metrics.BATCH_SIZE.observe(len(batch))
-                futures = [self._pool.submit(self._prepare, item) for item in batch]
-                self._ready.put((batch, futures))
-        except Exception as e:  # a bug here would stall everything: stop loudly instead
-            log.exception("dispatch loop failed")
-            self._fail(e)
-        finally:
-            self._ready.put(None)
-
-    # -- prepare (pool threads): parse, fetch, hash, cache, decode, preprocess ------------------------
-
-    def _prepare(self, item: WorkItem) -> Prepared:
-        p = Prepared(item)
-        wait = time.monotonic() - item.consumed_mono
-        metrics.STAGE_SECONDS.labels(stage="queue_wait").observe(wait)
-        p.timings["queue_wait"] = _ms(wait)
-        if not self.tracker.is_live(item.tp, item.epoch):
-            p.stale = True
-            return p
-        try:
-            ev = parse_record(item.source.value, item.source.key, item.headers, self.event_limits)
-            p.event, p.event_id = ev, ev.id
-            metrics.EVENTS_PARSED.labels(envelope=ev.envelope).inc()
-            data = ev.data if ev.url is None else self._fetch(ev.url, p)
-            if data and self.decision_cache is not None:
-                sha = hashlib.sha256(data).hexdigest()
-                emb = self.decision_cache.get(cache_key(sha, self.model_sha256, self.engine.policy.loaded.sha256))
-                if emb is not None and emb.shape == (self.embed_dim,):
-                    p.embedding, p.cached, p.image_sha256 = emb, True, sha
-                    return p
-            t0 = time.perf_counter()
-            decoded = decode_image(data or b"", self.decode_limits)
-            p.pixels = self.preprocessor.to_array(decoded.image)
-            p.image_sha256 = decoded.sha256
-            dt = time.perf_counter() - t0
-            metrics.STAGE_SECONDS.labels(stage="decode").observe(dt)
-            p.timings["decode"] = _ms(dt)
-        except ModeratorError as e:
-            p.error = e
-            p.event_id = p.event_id or getattr(e, "event_id", None)
-        except Exception as e:  # never let one input take the worker down
-            log.exception("unexpected error preparing %s/%s@%s", item.tp.topic, item.tp.partition,
-                          item.source.offset)
-            p.error = ModeratorError(f"unexpected {type(e).__name__}: {e}", reason="internal_error")
-        return p
-
-    def _fetch(self, url: str, p: Prepared) -> bytes:
-        t0 = time.perf_counter()
-        try:
-            data = self.fetcher.fetch(url)
-        except ModeratorError as e:  # FetchError, or payload_too_large
-            metrics.URL_FETCHES.labels(result=e.reason).inc()
-            raise
-        dt = time.perf_counter() - t0
-        metrics.URL_FETCHES.labels(result="ok").inc()
-        metrics.STAGE_SECONDS.labels(stage="fetch").observe(dt)
-        p.timings["fetch"] = _ms(dt)
-        return data
-
-    # -- encode thread: encode misses, decide, publish -----------------------------------------------
-
-    def _encode_loop(self) -> None:
-        try:
-            while True:
-                job = self._ready.get()
-                if job is None:
-                    break
-                _, futures = job
-                prepared = [f.result() for f in futures]  # _prepare never raises
-                try:
-                    self._finish(prepared)
-                except Exception as e:  # encoder or policy failure: the batch's inputs become dead letters
-                    log.exception("batch failed after preparation; dead-lettering it")
-                    for p in prepared:
-                        if not p.stale and not p.published:
-                            p.error = ModeratorError(f"batch failed: {type(e).__name__}: {e}",
-                                                     reason="internal_error")
-                            self._publish_dead_letter(p)
-        except Exception as e:  # a bug here would stall everything: stop loudly instead
-            log.exception("encode loop failed")
-            self._fail(e)
-
-    def _finish(self, prepared: list[Prepared]) -> None:
-        live = []
-        for p in prepared:
-            if p.stale or not self.tracker.is_live(p.item.tp, p.item.epoch):
-                continue  # revoked meanwhile: not committed here, the new owner redoes it
-            live.append(p)
-        good = [p for p in live if p.error is None]
-        misses = [p for p in good if p.embedding is None]
-        policy = self.engine.policy
-        if misses:
-            t0 = time.perf_counter()
-            emb = self.encoder.encode_pixels(np.stack([p.pixels for p in misses]))
-            dt = time.perf_counter() - t0
-            metrics.ENCODE_BATCH_SECONDS.observe(dt)
-            share = dt / len(misses)
-            for p, e in zip(misses, emb):
-                p.embedding, p.pixels = e, None
-                p.timings["encode"] = _ms(share)
-                metrics.STAGE_SECONDS.labels(stage="encode").observe(share)
-            if self.decision_cache is not None:
-                self.decision_cache.put_many(
-                    [(cache_key(p.image_sha256, self.model_sha256, policy.loaded.sha256), p.embedding)
-                     for p in misses if p.image_sha256])
-        if good:
-            decisions = self.engine.decide(
-                [p.event_id for p in good], np.stack([p.embedding for p in good]),
-                image_sha256=[p.image_sha256 for p in good], timings_ms=[p.timings for p in good],
-                metadata=[p.event.metadata for p in good])
-            hits = 0
-            for p, d in zip(good, decisions):
-                d.cached = p.cached
-                hits += p.cached
-                metrics.STAGE_SECONDS.labels(stage="score").observe(d.timings_ms.get("score", 0.0) / 1000)
-                self._publisher.publish_decision(d, self._acked_cb(p), self._failed_cb)
-                p.published = True
-            self.stats.add(decisions=len(good), cache_hits=hits)
-        for p in live:
-            if p.error is not None:
-                self._publish_dead_letter(p)
-
-    def _publish_dead_letter(self, p: Prepared) -> None:
-        err = p.error
-        assert err is not None
-        src = p.item.source
-        dead = build_dead_letter(src, err.reason, str(err), event_id=p.event_id, worker=self.s.client_id,
-                                 max_value_bytes=self.s.dead_letter_max_value_bytes,
-                                 policy_version=self.engine.policy.version, model_sha256=self.model_sha256)
-        key = p.event_id.encode() if p.event_id else src.key
-        metrics.DEAD_LETTERS.labels(reason=err.reason).inc()
-        self.stats.add(dead_letters=1)
-        log.info("dead letter", extra={"event": "dead_letter", "reason": err.reason, "event_id": p.event_id,
-                                       "source": f"{src.topic}/{src.partition}@{src.offset}",
-                                       "error": str(err)[:300]})
-        self._publisher.publish_dead_letter(dead, key, self._acked_cb(p), self._failed_cb)
-        p.published = True
-
-    def _acked_cb(self, p: Prepared):
-        def acked() -> None:
-            item = p.item
-            if not self.tracker.done(item.tp, item.source.offset, item.epoch):
-                return  # revoked meanwhile: published, but the new owner decides it again
-            now = time.time()
-            metrics.END_TO_END_SECONDS.labels(clock="consumed").observe(max(0.0, now - item.consumed_wall))
-            if p.event is not None and p.event.created_at is not None:
-                metrics.END_TO_END_SECONDS.labels(clock="created_at").observe(max(0.0, now - p.event.created_at))
-            self.stats.last_acked_at = now
-            self.stats.add(inputs_acked=1)
-        return acked
-
-    def _failed_cb(self, err: Exception) -> None:
-        self._fail(DeliveryError(f"the broker did not acknowledge an output record: {type(err).__name__}: {err}"))
-
-    # -- shutdown ------------------------------------------------------------------------------------------
-
-    def _shutdown(self) -> None:
+    def _drain(self) -> None:
+        """Finish what is in flight within the grace period (not after a fatal error), then commit."""
         s = self.s
-        deadline = time.monotonic() + s.shutdown_grace_s
-        left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+        self._deadline = deadline = time.monotonic() + s.shutdown_grace_s
         log.info("draining", extra={"event": "draining", "in_flight": self.tracker.in_flight,
                                     "grace_s": s.shutdown_grace_s})
-        self.batcher.close()
+        self.stages.close()
+        drained = False
         if self._fatal is None:
-            for t in self._threads:
-                t.join(left())
-            drained = self.tracker.wait_drained(left())
-            if self._publisher is not None:
-                try:
-                    self._publisher.flush(left())
-                except Exception as e:
-                    log.warning("producer flush incomplete: %s", e)
-        else:
-            drained = False
-        left_in_flight = self.tracker.in_flight  # (closing forgets the partitions)
-        if self._consumer is not None:
-            self._commit()
-            self._closing = True
+            self.stages.join(self._left())
+            drained = self.tracker.wait_drained(self._left())
             try:
-                self._consumer.close(autocommit=False, timeout_ms=int(1000 * min(5.0, max(1.0, left()))))
+                self._publisher.flush(self._left())
             except Exception as e:
-                log.warning("consumer close: %s", e)
-        if self._publisher is not None:
-            try:
-                self._publisher.close(timeout_s=max(1.0, left()))
-            except Exception as e:
-                log.warning("producer close: %s", e)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._watcher:
-            self._watcher.stop()
-        if self.decision_cache is not None:
-            self.decision_cache.close()
-        metrics.WORKER_READY.set(0)
-        if self.ops:
-            self.ops.stop()
-        log.info("stopped", extra={"event": "stopped", "drained": drained,
-                                   "uncommitted_in_flight": left_in_flight, **{
-                                       k: v for k, v in self.stats.snapshot().items() if not k.endswith("_at")}})
+                log.warning("producer flush incomplete: %s", e)
+        log.info("drained" if drained else "not drained", extra={
+            "event": "drained", "drained": drained, "uncommitted_in_flight": self.tracker.in_flight,
+            "left_s": round(max(0.0, deadline - time.monotonic()), 3)})
+
+    def _left(self) -> float:
+        return max(0.0, getattr(self, "_deadline", time.monotonic()) - time.monotonic())
+
+    def _close_consumer(self) -> None:
+        self.committer.commit()
+        self.committer.closing = True
+        try:
+            self._consumer.close(autocommit=False, timeout_ms=int(1000 * min(5.0, max(1.0, self._left()))))
+        except Exception as e:
+            log.warning("consumer close: %s", e)
+
+    def _close_producer(self) -> None:
+        try:
+            self._publisher.close(timeout_s=max(1.0, self._left()))
+        except Exception as e:
+            log.warning("producer close: %s", e)
 
 
 def run_worker(settings: WorkerSettings) -> int:

@@ -315,5 +315,5 @@ def test_real_worker_exports_every_metric_the_dashboard_and_rules_query(
     assert not problems, "\n".join(problems)
     # The run really exercised the paths the dashboard shows.
     assert _sum(families, "moderator_dead_letters_total") >= 1
-    assert _sum(families, "moderator_decision_cache_total") >= 1
+    assert _sum(families, "moderator_image_embedding_cache_total") >= 1
     assert _sum(families, "moderator_worker_ready") == 1

@@ -1,0 +1,106 @@
+"""Offsets out to Kafka: periodic commits, lag, and what a rebalance does to them.
+
+``OffsetTracker`` decides *what* may be committed (only below the slowest
+unacknowledged record); ``OffsetCommitter`` decides *when* and talks to the
+consumer: every ``commit_interval_ms`` from the consumer thread, once more on
+close, and on revoke (from kafka-python's IO thread, where only
+``commit_async`` is safe) after letting in-flight work finish for a moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from kafka.structs import TopicPartition
+
+from moderator import metrics
+from moderator.worker.offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+
+
+def _names(tps: set[TopicPartition]) -> list[str]:
+    return sorted(f"{t.topic}/{t.partition}" for t in tps)
+
+
+class OffsetCommitter:
+    def __init__(self, tracker: OffsetTracker, *, commit_interval_ms: int, revoke_wait_ms: int) -> None:
+        self.tracker = tracker
+        self.consumer = None  # set by attach(): the hooks are registered before it exists
+        self.assigned_once = threading.Event()
+        self.closing = False
+        self._interval_s = commit_interval_ms / 1000
+        self._revoke_wait_s = revoke_wait_ms / 1000
+        self._next = time.monotonic() + self._interval_s
+
+    def attach(self, consumer) -> None:
+        self.consumer = consumer
+
+    # -- consumer thread -----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Commit and refresh lag when the interval is up (called after every poll)."""
+        if time.monotonic() >= self._next:
+            self.commit()
+            self.update_lag()
+            self._next = time.monotonic() + self._interval_s
+
+    def commit(self) -> None:
+        offsets = self.tracker.to_commit()
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets, timeout_ms=10_000)
+        except Exception as e:  # rebalance in progress, coordinator moving: offered again next time
+            metrics.OFFSET_COMMITS.labels(result="error").inc()
+            log.warning("offset commit failed (will retry): %s: %s", type(e).__name__, e,
+                        extra={"event": "commit_failed"})
+            return
+        self.tracker.committed(offsets)
+        metrics.OFFSET_COMMITS.labels(result="ok").inc()
+
+    def update_lag(self) -> None:
+        for tp, pos in self.tracker.consumed_positions().items():
+            hw = self.consumer.highwater(tp)
+            if hw is not None:
+                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, hw - pos))
+
+    # -- rebalance hooks (kafka-python's IO thread: no blocking consumer calls) ---------------------
+
+    def on_assigned(self, tps: set[TopicPartition]) -> None:
+        self.tracker.assign(tps)
+        metrics.REBALANCES.labels(event="assigned").inc(len(tps))
+        self.assigned_once.set()
+        metrics.WORKER_READY.set(1)
+        log.info("partitions assigned", extra={"event": "assigned", "partitions": _names(tps)})
+
+    def on_revoked(self, tps: set[TopicPartition]) -> None:
+        if not tps:
+            return
+        # Finish what is in flight for these partitions if it is quick, commit it, drop the rest.
+        self.tracker.wait_drained(0.0 if self.closing else self._revoke_wait_s, tps)
+        offsets = self.tracker.to_commit(tps)
+        if offsets and not self.closing:
+            try:
+                self.consumer.commit_async(offsets)
+            except Exception as e:
+                log.warning("commit on revoke failed: %s", e, extra={"event": "commit_failed"})
+        self._forget(tps, "revoked")
+
+    def on_lost(self, tps: set[TopicPartition]) -> None:
+        self._forget(tps, "lost")  # no longer ours: committing would be refused anyway
+
+    def _forget(self, tps: set[TopicPartition], why: str) -> None:
+        dropped = self.tracker.revoke(tps)
+        metrics.REBALANCES.labels(event=why).inc(len(tps))
+        if dropped:
+            metrics.DROPPED_ON_REVOKE.inc(dropped)
+        for tp in tps:
+            try:
+                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+            except KeyError:
+                pass
+        log.info("partitions %s", why, extra={"event": why, "dropped_in_flight": dropped,
+                                             "partitions": _names(tps)})

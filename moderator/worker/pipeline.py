@@ -1,0 +1,413 @@
+"""The per-event path, from a consumed record to its published outputs.
+
+``Pipeline`` is what happens to records, with no threads of its own:
+
+- ``prepare(item)`` (pool threads, one record each): parse the envelope, fetch a
+  URL, hash the bytes **once** (the image-embedding cache key and the decision's
+  ``image_sha256``), look the embedding up, else decode (JPEG ``draft`` when the
+  image is at least twice the model input) and preprocess to the model's pixels.
+  With GPU decode on, an eligible JPEG skips the CPU decode and keeps its bytes.
+- ``finish(prepared)`` (the encode thread, one batch): GPU-decode the kept JPEGs,
+  encode the misses in one call, store them in the cache, decide, publish.
+  Decisions and dead letters leave in consumption order within a batch.
+
+``BatchStages`` runs it: a ``MicroBatcher`` (adaptive: a batch goes at once when
+nothing is downstream), a *dispatch* thread that submits each closed batch's
+records to a bounded pool, and an *encode* thread. At most two batches wait for
+the encoder, so decoding the next batch overlaps encoding this one and a slow
+encoder stalls the batcher (then the consumer pauses), never memory.
+
+Every failure of one input is a ``ModeratorError`` with a reason, and becomes a
+dead letter; nothing here raises out of ``prepare``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+from kafka.structs import TopicPartition
+
+from moderator import metrics
+from moderator.batching import MicroBatcher
+from moderator.cache import ImageEmbeddingCache, image_embedding_key
+from moderator.decide.engine import DecisionEngine
+from moderator.decode import DecodeLimits, decode_image
+from moderator.errors import ModeratorError
+from moderator.fetch import UrlFetcher
+from moderator.ingest import EventLimits, ParsedEvent, parse_record
+from moderator.publish import SourceRecord, build_dead_letter
+from moderator.schemas import DeadLetter, Decision
+from moderator.worker.offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkItem:
+    tp: TopicPartition
+    epoch: int
+    source: SourceRecord
+    headers: list
+    consumed_wall: float
+    consumed_mono: float
+
+
+@dataclass
+class Prepared:
+    item: WorkItem
+    event: ParsedEvent | None = None
+    event_id: str | None = None
+    error: ModeratorError | None = None
+    image_sha256: str | None = None
+    data: bytes | None = None  # kept only for GPU decode (an eligible JPEG)
+    pixels: np.ndarray | None = None
+    embedding: np.ndarray | None = None
+    cached: bool = False
+    stale: bool = False
+    published: bool = False
+    timings: dict = field(default_factory=dict)
+
+
+class Publisher(Protocol):
+    """``DecisionPublisher`` (Kafka) or the benchmark's in-memory sink."""
+
+    def publish_decision(self, decision: Decision, on_acked: Callable[[], None],
+                         on_failed: Callable[[Exception], None]) -> None: ...
+
+    def publish_dead_letter(self, dead: DeadLetter, key: bytes | None, on_acked: Callable[[], None],
+                            on_failed: Callable[[Exception], None]) -> None: ...
+
+
+# Stages whose time the benchmark reports per event (seconds summed over events).
+STAGES = ("queue_wait", "parse", "fetch", "hash_cache", "decode", "gpu_decode", "encode", "score", "publish")
+
+
+@dataclass
+class WorkerStats:
+    """Counters for tests, the benchmark and the demo (Prometheus has the same, by label)."""
+
+    consumed: int = 0
+    decisions: int = 0
+    dead_letters: int = 0
+    cache_hits: int = 0
+    inputs_acked: int = 0
+    first_consumed_at: float | None = None
+    last_acked_at: float | None = None
+    stage_seconds: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def took(self, stage: str, seconds: float, n: int = 1) -> None:
+        """``seconds`` spent in ``stage`` for ``n`` records (a batch's share counted once per batch)."""
+        hist, share = metrics.STAGE_SECONDS.labels(stage=stage), seconds / max(n, 1)
+        for _ in range(max(n, 1)):  # a per-record histogram: one observation per record
+            hist.observe(share)
+        with self._lock:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            snap = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+            snap["stage_seconds"] = dict(self.stage_seconds)
+            return snap
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+class Pipeline:
+    """prepare -> finish for one worker. The publisher is attached when the worker starts."""
+
+    def __init__(self, *, engine: DecisionEngine, encoder, model_sha256: str, embed_dim: int,
+                 tracker: OffsetTracker,
+                 stats: WorkerStats, fetcher: UrlFetcher, event_limits: EventLimits, decode_limits: DecodeLimits,
+                 embedding_cache: ImageEmbeddingCache | None, jpeg_draft: bool, client_id: str,
+                 dead_letter_max_value_bytes: int, on_fatal: Callable[[BaseException], None],
+                 device_jpeg=None) -> None:
+        self.engine = engine
+        self.encoder = encoder
+        self.preprocessor = encoder.preprocessor
+        self.model_sha256 = model_sha256
+        self.embed_dim = embed_dim
+        self.tracker = tracker
+        self.stats = stats
+        self.fetcher = fetcher
+        self.event_limits = event_limits
+        self.decode_limits = decode_limits
+        self.embedding_cache = embedding_cache
+        h, w = self.preprocessor.image_size
+        self.draft = (w, h) if jpeg_draft else None
+        self.client_id = client_id
+        self.dead_letter_max_value_bytes = dead_letter_max_value_bytes
+        self.on_fatal = on_fatal
+        self.device_jpeg = device_jpeg  # GPU decode (torch on CUDA), or None
+        self.publisher: Publisher | None = None
+
+    # -- prepare (pool threads) ------------------------------------------------------------------
+
+    def prepare(self, item: WorkItem) -> Prepared:
+        p = Prepared(item)
+        wait = time.monotonic() - item.consumed_mono
+        self.stats.took("queue_wait", wait)
+        p.timings["queue_wait"] = _ms(wait)
+        if not self.tracker.is_live(item.tp, item.epoch):
+            p.stale = True
+            return p
+        try:
+            t0 = time.perf_counter()
+            ev = parse_record(item.source.value, item.source.key, item.headers, self.event_limits)
+            p.event, p.event_id = ev, ev.id
+            metrics.EVENTS_PARSED.labels(envelope=ev.envelope).inc()
+            self.stats.took("parse", time.perf_counter() - t0)
+            data = ev.data if ev.url is None else self._fetch(ev.url, p)
+            if data and self._cached(data, p):
+                return p
+            self._decode(data or b"", p)
+        except ModeratorError as e:
+            p.error = e
+            p.event_id = p.event_id or getattr(e, "event_id", None)
+        except Exception as e:  # never let one input take the worker down
+            log.exception("unexpected error preparing %s/%s@%s", item.tp.topic, item.tp.partition,
+                          item.source.offset)
+            p.error = ModeratorError(f"unexpected {type(e).__name__}: {e}", reason="internal_error")
+        return p
+
+    def _fetch(self, url: str, p: Prepared) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            data = self.fetcher.fetch(url)
+        except ModeratorError as e:  # FetchError, or payload_too_large
+            metrics.URL_FETCHES.labels(result=e.reason).inc()
+            raise
+        dt = time.perf_counter() - t0
+        metrics.URL_FETCHES.labels(result="ok").inc()
+        self.stats.took("fetch", dt)
+        p.timings["fetch"] = _ms(dt)
+        return data
+
+    def _cached(self, data: bytes, p: Prepared) -> bool:
+        """Hash once; True when the cache had this image's embedding for this model."""
+        t0 = time.perf_counter()
+        p.image_sha256 = hashlib.sha256(data).hexdigest()
+        hit = False
+        if self.embedding_cache is not None:
+            emb = self.embedding_cache.get(image_embedding_key(self.model_sha256, p.image_sha256))
+            if emb is not None and emb.shape == (self.embed_dim,):
+                p.embedding, p.cached, hit = emb, True, True
+        self.stats.took("hash_cache", time.perf_counter() - t0)
+        return hit
+
+    def _decode(self, data: bytes, p: Prepared) -> None:
+        t0 = time.perf_counter()
+        if self.device_jpeg is not None and self.device_jpeg.eligible(data, self.decode_limits):
+            p.data = data  # decoded with its batch on the GPU (finish)
+            return
+        decoded = decode_image(data, self.decode_limits, sha256=p.image_sha256, draft=self.draft)
+        p.pixels = self.preprocessor.to_array(decoded.image)
+        p.image_sha256 = decoded.sha256
+        dt = time.perf_counter() - t0
+        self.stats.took("decode", dt)
+        p.timings["decode"] = _ms(dt)
+
+    # -- finish (encode thread) ----------------------------------------------------------------
+
+    def finish(self, prepared: list[Prepared]) -> None:
+        live = [p for p in prepared if not p.stale and self.tracker.is_live(p.item.tp, p.item.epoch)]
+        # (revoked meanwhile: not committed here, the new owner redoes it)
+        on_device = [p for p in live if p.error is None and p.data is not None]
+        device_pixels = self._device_decode(on_device) if on_device else None
+        good = [p for p in live if p.error is None]
+        misses = [p for p in good if p.embedding is None]
+        if misses:
+            t0 = time.perf_counter()
+            emb = self._encode(misses, device_pixels)
+            dt = time.perf_counter() - t0
+            metrics.ENCODE_BATCH_SECONDS.observe(dt)
+            self.stats.took("encode", dt, len(misses))
+            share = _ms(dt / len(misses))
+            for p, e in zip(misses, emb):
+                p.embedding, p.pixels, p.data = e, None, None
+                p.timings["encode"] = share
+            if self.embedding_cache is not None:
+                self.embedding_cache.put_many(
+                    [(image_embedding_key(self.model_sha256, p.image_sha256), p.embedding)
+                     for p in misses if p.image_sha256])
+        if good:
+            t0 = time.perf_counter()
+            decisions = self.engine.decide(
+                [p.event_id for p in good], np.stack([p.embedding for p in good]),
+                image_sha256=[p.image_sha256 for p in good], timings_ms=[p.timings for p in good],
+                metadata=[p.event.metadata for p in good])
+            self.stats.took("score", time.perf_counter() - t0, len(good))
+            t0 = time.perf_counter()
+            hits = 0
+            for p, d in zip(good, decisions):
+                d.cached = p.cached
+                hits += p.cached
+                self.publisher.publish_decision(d, self._acked_cb(p), self._failed_cb)
+                p.published = True
+            self.stats.took("publish", time.perf_counter() - t0, len(good))
+            self.stats.add(decisions=len(good), cache_hits=hits)
+        for p in live:
+            if p.error is not None:
+                self.publish_dead_letter(p)
+
+    def _device_decode(self, items: list[Prepared]):
+        """nvJPEG the batch's JPEGs; the ones it cannot decode take the CPU path here."""
+        t0 = time.perf_counter()
+        tensor, failed = self.device_jpeg([p.data for p in items])
+        failed = set(failed)
+        ok = []
+        for i, p in enumerate(items):
+            if i in failed:
+                try:
+                    data, p.data = p.data, None
+                    decoded = decode_image(data, self.decode_limits, sha256=p.image_sha256, draft=self.draft)
+                    p.pixels = self.preprocessor.to_array(decoded.image)
+                except ModeratorError as e:
+                    p.error = e
+            else:
+                ok.append(p)
+        dt = time.perf_counter() - t0
+        self.stats.took("gpu_decode", dt, len(items))
+        return {id(p): i for i, p in enumerate(ok)}, tensor
+
+    def _encode(self, misses: list[Prepared], device_pixels) -> np.ndarray:
+        if device_pixels is None:
+            return self.encoder.encode_pixels(np.stack([p.pixels for p in misses]))
+        index, tensor = device_pixels
+        return self.encoder.encode_mixed(
+            tensor, [index.get(id(p)) for p in misses],
+            [p.pixels for p in misses if id(p) not in index])
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def publish_dead_letter(self, p: Prepared) -> None:
+        err = p.error
+        assert err is not None
+        src = p.item.source
+        dead = build_dead_letter(src, err.reason, str(err), event_id=p.event_id, worker=self.client_id,
+                                 max_value_bytes=self.dead_letter_max_value_bytes,
+                                 policy_version=self.engine.policy.version, model_sha256=self.model_sha256)
+        key = p.event_id.encode() if p.event_id else src.key
+        metrics.DEAD_LETTERS.labels(reason=err.reason).inc()
+        self.stats.add(dead_letters=1)
+        log.info("dead letter", extra={"event": "dead_letter", "reason": err.reason, "event_id": p.event_id,
+                                       "source": f"{src.topic}/{src.partition}@{src.offset}",
+                                       "error": str(err)[:300]})
+        self.publisher.publish_dead_letter(dead, key, self._acked_cb(p), self._failed_cb)
+        p.published = True
+
+    def fail_batch(self, prepared: list[Prepared], err: Exception) -> None:
+        """The encoder or the policy failed after preparation: the batch's inputs become dead letters."""
+        for p in prepared:
+            if not p.stale and not p.published:
+                p.error = ModeratorError(f"batch failed: {type(err).__name__}: {err}", reason="internal_error")
+                self.publish_dead_letter(p)
+
+    def _acked_cb(self, p: Prepared):
+        def acked() -> None:
+            item = p.item
+            if not self.tracker.done(item.tp, item.source.offset, item.epoch):
+                return  # revoked meanwhile: published, but the new owner decides it again
+            now = time.time()
+            metrics.END_TO_END_SECONDS.labels(clock="consumed").observe(max(0.0, now - item.consumed_wall))
+            if p.event is not None and p.event.created_at is not None:
+                metrics.END_TO_END_SECONDS.labels(clock="created_at").observe(max(0.0, now - p.event.created_at))
+            self.stats.last_acked_at = now
+            self.stats.add(inputs_acked=1)
+        return acked
+
+    def _failed_cb(self, err: Exception) -> None:
+        from moderator.errors import DeliveryError  # noqa: PLC0415
+
+        self.on_fatal(DeliveryError(f"the broker did not acknowledge an output record: {type(err).__name__}: {err}"))
+
+
+class BatchStages:
+    """The threads around a ``Pipeline``: batcher -> dispatch (pool) -> encode."""
+
+    def __init__(self, pipeline: Pipeline, *, max_batch: int, max_wait_ms: int, prepare_workers: int,
+                 adaptive: bool, on_fatal: Callable[[BaseException], None]) -> None:
+        self.pipeline = pipeline
+        self._in_pipeline = 0  # batches dispatched and not finished
+        self._count_lock = threading.Lock()
+        self.batcher: MicroBatcher[WorkItem] = MicroBatcher(
+            max_batch, max_wait_ms, idle=(lambda: self._in_pipeline == 0) if adaptive else None)
+        self._ready: queue.Queue = queue.Queue(maxsize=2)
+        self._pool = ThreadPoolExecutor(prepare_workers, thread_name_prefix="prepare")
+        self._on_fatal = on_fatal
+        self.threads = [threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True),
+                        threading.Thread(target=self._encode_loop, name="encode", daemon=True)]
+
+    def start(self) -> "BatchStages":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def put(self, item: WorkItem) -> None:
+        self.batcher.put(item)
+
+    def close(self) -> None:
+        """No more items; what waits is released as final batches."""
+        self.batcher.close()
+
+    def join(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _dispatch_loop(self) -> None:
+        try:
+            while True:
+                batch = self.batcher.get_batch(timeout=0.5)
+                if batch is None:
+                    break
+                if not batch:
+                    continue
+                with self._count_lock:
+                    self._in_pipeline += 1
+                metrics.BATCH_SIZE.observe(len(batch))
+                futures = [self._pool.submit(self.pipeline.prepare, item) for item in batch]
+                self._ready.put(futures)
+        except Exception as e:  # a bug here would stall everything: stop loudly instead
+            log.exception("dispatch loop failed")
+            self._on_fatal(e)
+        finally:
+            self._ready.put(None)
+
+    def _encode_loop(self) -> None:
+        try:
+            while True:
+                futures: list[Future] | None = self._ready.get()
+                if futures is None:
+                    break
+                prepared = [f.result() for f in futures]  # prepare never raises
+                try:
+                    self.pipeline.finish(prepared)
+                except Exception as e:
+                    log.exception("batch failed after preparation; dead-lettering it")
+                    self.pipeline.fail_batch(prepared, e)
+                finally:
+                    with self._count_lock:
+                        self._in_pipeline -= 1
+                    self.batcher.wake()
+        except Exception as e:  # a bug here would stall everything: stop loudly instead
+            log.exception("encode loop failed")
+            self._on_fatal(e)
