@@ -163,17 +163,45 @@ def _cmd_produce(a: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    try:
+        return int(w), int(h or w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size is N or WxH, not {text!r}") from None
+
+
 def _cmd_bench_worker(a: argparse.Namespace) -> int:
     from moderator.worker.bench import bench_worker
 
-    r = bench_worker(a.model, a.policy, events=a.events, size=a.size, max_batch=a.max_batch,
-                     max_wait_ms=a.max_wait_ms, partitions=a.partitions, encoder_seconds=a.encoder_seconds,
-                     bootstrap_servers=a.bootstrap_servers, log=lambda m: print(m, file=sys.stderr))
+    overrides = {"jpeg_draft": a.jpeg_draft, "adaptive_batching": a.adaptive_batching, "gpu_decode": a.gpu_decode}
+    if a.prepare_workers:
+        overrides["prepare_workers"] = a.prepare_workers
+    r = bench_worker(a.model, a.policy, source=a.source, events=a.events, image=a.image, size=a.size,
+                     max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
+                     encoder_seconds=a.encoder_seconds, bootstrap_servers=a.bootstrap_servers, backend=a.backend,
+                     latency=a.latency, latency_events=a.latency_events, seed_loop_model=a.seed_loop_model,
+                     profile=a.profile, overrides=overrides, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(r))
-    print(f"worker: {r['worker_decisions_per_s']} decisions/s end to end through Kafka; "
-          f"bare ONNX encoder: {r['encoder_images_per_s']} images/s "
+    print(f"worker ({a.source}): {r['worker_decisions_per_s']} decisions/s; "
+          f"encoder alone: {r['encoder_images_per_s']} images/s "
           f"({r['encoder_with_preprocess_images_per_s']} with preprocessing); "
-          f"ratio {r['ratio_worker_to_encoder']:.2f} ({r['ratio_worker_to_encoder_with_preprocess']:.2f})")
+          f"ratio {r['ratio_worker_to_encoder']:.2f} ({r['ratio_worker_to_encoder_with_preprocess']:.2f})"
+          + (f"; x{r['ratio_worker_to_seed_loop']} the seed loop" if "ratio_worker_to_seed_loop" in r else "")
+          + (f"; p99 {r['latency_at_half_rate']['p99_ms']} ms at half rate" if "latency_at_half_rate" in r else ""),
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_draft(a: argparse.Namespace) -> int:
+    from moderator.worker.bench import jpeg_draft_effect
+
+    model = a.model
+    if model is None:
+        from moderator.model.demo import ensure_demo_model
+
+        model = ensure_demo_model(progress=True).model_dir
+    print(json.dumps(jpeg_draft_effect(model, n=a.n, size=a.size, quality=a.quality)))
     return 0
 
 
@@ -305,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bootstrap-servers", help="Kafka (MODERATOR_KAFKA_BOOTSTRAP_SERVERS)")
     r.add_argument("--input-topic", help="MODERATOR_INPUT_TOPIC")
     r.add_argument("--group", help="consumer group (MODERATOR_CONSUMER_GROUP)")
-    r.add_argument("--redis-url", help="decision cache + prompt embeddings (MODERATOR_REDIS_URL)")
+    r.add_argument("--redis-url", help="image-embedding cache + prompt embeddings (MODERATOR_REDIS_URL)")
     r.add_argument("--http-port", type=int, help="/metrics /healthz /readyz port (MODERATOR_HTTP_PORT)")
     r.add_argument("--max-batch", type=int, help="MODERATOR_MAX_BATCH")
     r.add_argument("--max-wait-ms", type=int, help="MODERATOR_MAX_WAIT_MS")
@@ -332,19 +360,47 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--manifest", type=Path, help="write id, expected outcome and send time per event (JSONL)")
     pr.set_defaults(func=_cmd_produce)
 
-    bw = sub.add_parser("bench-worker", help="worker decisions/s through Kafka vs bare encoder images/s",
-                        description="Benchmark the whole worker against the bare ONNX image encoder on the "
-                                    "same images, in one run (starts a local Kafka unless given one).")
+    bw = sub.add_parser("bench-worker", help="worker decisions/s vs its bare encoder, in one run",
+                        description="Benchmark the whole worker against its image encoder on the same images, "
+                                    "in one run (--source kafka starts a local Kafka unless given one). Prints "
+                                    "one JSON line.")
     bw.add_argument("--model", type=Path, required=True)
     bw.add_argument("--policy", type=Path, required=True)
+    bw.add_argument("--source", choices=("kafka", "memory"), default="kafka",
+                    help="kafka: through a real broker; memory: the same pipeline without Kafka (its ceiling)")
     bw.add_argument("--events", type=int, default=2000)
-    bw.add_argument("--size", type=int, default=96, help="synthetic image side")
+    bw.add_argument("--image", choices=("png", "jpeg"), default="png",
+                    help="png: synthetic shapes; jpeg: photo-like JPEGs at quality 85")
+    bw.add_argument("--size", type=_size, default=(96, 96), help="N or WxH (default: 96)")
+    bw.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="MODERATOR_ENCODER_BACKEND")
     bw.add_argument("--max-batch", type=int, default=32)
     bw.add_argument("--max-wait-ms", type=int, default=50)
     bw.add_argument("--partitions", type=int, default=3)
+    bw.add_argument("--prepare-workers", type=int, help="MODERATOR_PREPARE_WORKERS (default: the setting's)")
+    bw.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false", help="decode JPEGs at full size")
+    bw.add_argument("--no-adaptive-batching", dest="adaptive_batching", action="store_false",
+                    help="batches always wait for max_batch or max_wait_ms")
+    bw.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch backend on CUDA: nvJPEG batch decode (MODERATOR_GPU_DECODE)")
     bw.add_argument("--encoder-seconds", type=float, default=5.0)
+    bw.add_argument("--latency", action="store_true",
+                    help="then run at half the measured rate and report p50/p99 consume -> acknowledged")
+    bw.add_argument("--latency-events", type=int, help="events in the latency phase (default: min(events, 2000))")
+    bw.add_argument("--seed-loop-model", type=Path,
+                    help="also time the prototype loop (6 prompts + the image per image, batch 1) on this model")
+    bw.add_argument("--profile", type=Path, metavar="FILE",
+                    help="py-spy the measured phase: FILE.svg flame graph, else collapsed stacks (+ top frames)")
     bw.add_argument("--bootstrap-servers", help="use this Kafka instead of starting one")
     bw.set_defaults(func=_cmd_bench_worker)
+
+    bd = sub.add_parser("bench-draft", help="JPEG draft on/off: held-out accuracy, pixel difference, speed",
+                        description="The demo domain's held-out scenes as large JPEGs through the worker's decode "
+                                    "path with and without JPEG draft (DCT-domain downscale). Prints one JSON line.")
+    bd.add_argument("--model", type=Path, help="model directory (default: the cached demo model)")
+    bd.add_argument("--n", type=int, default=1000, help="held-out images (default: %(default)s)")
+    bd.add_argument("--size", type=int, default=512, help="image side in px (default: %(default)s)")
+    bd.add_argument("--quality", type=int, default=85)
+    bd.set_defaults(func=_cmd_bench_draft)
 
     dm = sub.add_parser("demo", help="the streaming demo: local Kafka + Redis, a worker, a few hundred events",
                         description="Run the whole service locally with the demo model and policy and print "

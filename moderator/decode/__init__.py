@@ -131,3 +131,123 @@ def _open_formats(allowed: frozenset[str]) -> list[str]:
 _ALL_KNOWN = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PPM", "TGA", "PSD",
                         "JPEG2000", "PCX", "DDS", "SGI", "IM", "MPO", "AVIF", "HEIF", "QOI"})  # never EPS: it runs Ghostscript
 
+
+# --- which JPEGs a batched device decoder (nvJPEG) may take ------------------------
+
+
+@dataclass(frozen=True)
+class JpegProbe:
+    """What a JPEG's header says, for a caller that decodes JPEGs in batches on a device.
+
+    The device path only gets plain JPEGs: 8-bit Huffman-coded (baseline, extended
+    sequential or progressive), one (grey) or three (YCbCr) components, ending in an
+    EOI marker. Anything else goes the CPU path (``decode_image``), which decodes it or
+    names its failure.
+    """
+
+    sha256: str | None  # the caller's digest, passed through (never computed here)
+    format: str  # "JPEG", or "MPO" (its first frame is a plain JPEG)
+    size: tuple[int, int]  # (width, height) as stored, before EXIF orientation
+    mode: str  # "RGB" or "L"
+    orientation: int  # EXIF orientation as ImageOps.exif_transpose reads it; 1 = none
+    progressive: bool
+    frames: int
+
+    @property
+    def oriented_size(self) -> tuple[int, int]:
+        """(width, height) after the EXIF orientation, as ``decode_image`` returns it."""
+        w, h = self.size
+        return (h, w) if self.orientation in (5, 6, 7, 8) else (w, h)
+
+
+def probe_jpeg(data: bytes, limits: DecodeLimits = DecodeLimits(), *,
+               sha256: str | None = None) -> JpegProbe | None:
+    """``decode_image``'s checks on the header, without decoding a pixel (Pillow's open is lazy).
+
+    Raises what ``decode_image`` raises for the same input at the same checks (empty, byte
+    cap, not an image, format not allowed, no pixels, pixel cap / decompression bomb), so
+    a dead-letter reason does not depend on which path an image took. Returns ``None`` for
+    an input that passes them but is not for the device decoder (another format, CMYK,
+    12-bit, arithmetic or lossless coding, an RGB-coded Adobe JPEG, no EOI marker at the
+    end -- truncated files must fail the way ``decode_image`` fails them -- or a header
+    detail that Pillow cannot read). ``sha256``: the caller's digest of ``data``, carried
+    in the probe for convenience; not computed here (the worker hashes once).
+
+    Keep the checks in step with ``decode_image`` (tests compare the two on hostile inputs).
+    """
+    if not data:
+        raise EmptyImage("zero bytes")
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"{len(data)} bytes exceeds the {limits.max_bytes} byte cap")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=_open_formats(limits.formats))
+        except UnidentifiedImageError as e:
+            raise NotAnImage("bytes are not a recognised image format") from e
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DecompressionBomb(str(e)) from e
+        except Exception as e:  # malformed headers raise many types
+            if isinstance(e, OSError) and "truncat" in str(e).lower():
+                raise TruncatedImage(f"image header is truncated: {e}") from e
+            raise NotAnImage(f"unreadable image header: {type(e).__name__}: {e}") from e
+        fmt = img.format or "unknown"
+        if fmt not in limits.formats:
+            raise UnsupportedFormat(f"format {fmt} is not allowed (allowed: {sorted(limits.formats)})")
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise NotAnImage(f"image has no pixels ({w}x{h})")
+        if w * h > limits.max_pixels:
+            raise DecompressionBomb(f"{w}x{h} = {w * h} pixels exceeds the {limits.max_pixels} pixel cap")
+        if fmt not in ("JPEG", "MPO") or img.mode not in ("RGB", "L"):
+            return None
+        sof = _jpeg_frame_header(data)
+        if sof is None:
+            return None
+        marker, precision, components = sof
+        if marker not in _DEVICE_SOF or precision != 8 or components not in (1, 3):
+            return None
+        if components == 3 and img.info.get("adobe_transform", 1) == 0:
+            return None  # RGB-coded (no YCbCr transform): rare, and device decoders differ
+        if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+            return None
+        try:
+            orientation = int(img.getexif().get(0x0112, 1))
+            frames = int(getattr(img, "n_frames", 1) or 1)
+        except Exception:  # odd EXIF/MPO data: the CPU path decides what it is
+            return None
+    return JpegProbe(sha256=sha256, format=fmt, size=(w, h),
+                     mode=img.mode, orientation=orientation if 1 <= orientation <= 8 else 1,
+                     progressive=marker == 0xC2, frames=frames)
+
+
+# Start-of-frame markers a batched device decoder takes: baseline, extended sequential and
+# progressive, all Huffman-coded (nvJPEG has no arithmetic, lossless or hierarchical modes).
+_DEVICE_SOF = frozenset({0xC0, 0xC1, 0xC2})
+
+
+def _jpeg_frame_header(data: bytes, max_segments: int = 4096) -> tuple[int, int, int] | None:
+    """(SOF marker, sample precision, component count) of the first frame, walking the
+    marker segments from SOI; ``None`` when there is none before the scan data."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    for _ in range(max_segments):
+        if i + 4 > n or data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return (marker, data[i + 4], data[i + 9]) if i + 10 <= n else None
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+    return None

@@ -24,17 +24,6 @@ class TorchOptions:
     gpu_decode: bool = True  # CUDA only: nvJPEG batch decode + GPU resize
 
 
-def resolve_torch_device(device: str, device_id: int = 0) -> str:
-    from moderator.encode.torch_backend import _torch  # noqa: PLC0415
-
-    torch = _torch()
-    if device == "auto":
-        return f"cuda:{device_id}" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return f"cuda:{device_id}"
-    return device
-
-
 def open_image_encoder(model_dir: ModelDirectory, backend: str = "onnx", *, ort: OrtOptions = OrtOptions(),
                        torch: TorchOptions = TorchOptions(), device_id: int = 0):
     """The image encoder for ``backend``. Raises ``ModelError``/``MissingDependency`` with a
@@ -46,9 +35,13 @@ def open_image_encoder(model_dir: ModelDirectory, backend: str = "onnx", *, ort:
         from moderator.errors import ModelError  # noqa: PLC0415
 
         raise ModelError(f"unknown encoder backend {backend!r} (onnx or torch)")
-    from moderator.encode.torch_backend import TorchImageEncoder  # noqa: PLC0415
+    from moderator.encode.torch_backend import TorchImageEncoder, resolve_device  # noqa: PLC0415
 
-    device = resolve_torch_device(torch.device, device_id)
-    on_cuda = device.startswith("cuda")
-    return TorchImageEncoder(model_dir, device=device, fp16=torch.fp16 and on_cuda,
-                             cuda_graphs=torch.cuda_graphs and on_cuda, max_batch=torch.max_batch)
+    device = resolve_device(None if torch.device == "auto" else
+                            f"cuda:{device_id}" if torch.device == "cuda" else torch.device)
+    on_cuda = device.type == "cuda"
+    enc = TorchImageEncoder(model_dir, device=str(device), fp16=torch.fp16 and on_cuda,
+                            cuda_graphs=torch.cuda_graphs and on_cuda, max_batch=torch.max_batch,
+                            gpu_decode=torch.gpu_decode and on_cuda)
+    enc.warmup()  # capture the CUDA graphs now, not on the first batches of live traffic
+    return enc

@@ -1,12 +1,28 @@
-"""``moderator bench-worker``: the worker's decisions/s through Kafka vs the bare encoder.
+"""``moderator bench-worker``: the worker's decisions/s against its own encoder, in one run.
 
-One run, one machine, the same images: pre-load N synthetic events onto a fresh
-topic, start a worker (in this process), time first record consumed -> last input
-acknowledged (every decision acked by the broker), check the decisions topic
-holds N records; then run the ONNX image encoder alone over the same decoded
-images at the worker's batch size. The ratio says how much of the encoder's
-speed survives Kafka, JSON, base64, decode, preprocessing, policy and publishing.
-A benchmark, not a test: it prints numbers and asserts nothing about speed.
+A benchmark, not a test: it prints numbers and asserts nothing about speed. One
+run, one machine, the same images for every figure, so the figures compare as
+ratios (the machines are noisy; absolute numbers from different runs do not).
+
+- ``--source kafka``: pre-load N events onto a fresh topic of a real broker (a
+  local one is started unless given), start a worker in this process, time first
+  record consumed -> last input acknowledged by the broker, check the decisions
+  topic holds N records.
+- ``--source memory``: the same ``Pipeline`` and threads, fed from memory with an
+  in-process sink that serialises each output as Kafka would and acknowledges at
+  once: the pipeline's ceiling without the broker.
+- then the image encoder alone on the same images (``encoder_images_per_s``) and
+  with preprocessing from decoded images (``encoder_with_preprocess_images_per_s``);
+- ``--latency``: a second phase at half the measured rate, reporting p50/p99 of
+  consume -> every output acknowledged;
+- ``--seed-loop-model``: the naive loop a first prototype runs (per image: embed 6
+  prompts and the image at batch 1, compare) on that model, for the ``x seed loop``
+  figure;
+- ``--profile FILE``: py-spy samples every thread of this process during the
+  measured phase (``.svg`` flame graph, anything else collapsed stacks) and the
+  result line gets the top frames.
+
+Per-stage seconds per event and process CPU seconds per event come with every run.
 """
 
 from __future__ import annotations
@@ -15,111 +31,411 @@ import contextlib
 import io
 import os
 import platform
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+# --- inputs -------------------------------------------------------------------------------------
 
-def _encoder_rates(model_dir: Path, images: list[bytes], batch: int, min_seconds: float) -> dict:
+
+def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 85) -> tuple[bytes, str]:
+    """A synthetic-domain scene at camera size with sensor-like noise, as a JPEG (what a
+    photo costs to decode: ~100-250 kB at 1024x768, q85). Returns (bytes, class label)."""
     from PIL import Image  # noqa: PLC0415
 
-    from moderator.encode import ImageEncoder  # noqa: PLC0415
+    from moderator.model import synth  # noqa: PLC0415
 
-    enc = ImageEncoder(model_dir)
+    sample = synth.draw_sample(rng, max(width, height))
+    img = sample.image.resize((width, height), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.int16) + rng.normal(0, 6, (height, width, 1)).astype(np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue(), f"{sample.colour} {sample.shape}"
+
+
+def bench_events(n: int, image: str, size: tuple[int, int], seed: int, id_prefix: str, unique: int = 256):
+    """``n`` OutgoingEvents: synthetic PNGs (``png``) or photo-like JPEGs (``jpeg``), cycling
+    through at most ``unique`` distinct images (the bench runs without the image cache)."""
+    from moderator.produce import OutgoingEvent, synthetic_events  # noqa: PLC0415
+
+    if image == "png":
+        if size[0] != size[1]:
+            raise ValueError("synthetic PNGs are square: --size N or NxN")
+        return list(synthetic_events(n, seed=seed, size=size[0], id_prefix=id_prefix))
+    rng = np.random.default_rng([seed, 11])
+    pool = [photo_like_jpeg(rng, *size) for _ in range(min(n, unique))]
+    return [OutgoingEvent(id=f"{id_prefix}-{i:06d}", expect=pool[i % len(pool)][1], image=pool[i % len(pool)][0],
+                          content_type="image/jpeg") for i in range(n)]
+
+
+# --- the in-memory source and sink -----------------------------------------------------------------
+
+
+class MemorySink:
+    """Publisher stand-in: serialises like ``DecisionPublisher`` and acknowledges at once."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.decisions = 0
+        self.dead_letters = 0
+        self.bytes = 0
+        self.kept: list | None = [] if keep else None  # the outputs themselves, for tests
+
+    def publish_decision(self, decision, on_acked, on_failed) -> None:
+        self.bytes += len(decision.model_dump_json())
+        self.decisions += 1
+        if self.kept is not None:
+            self.kept.append(decision)
+        on_acked()
+
+    def publish_dead_letter(self, dead, key, on_acked, on_failed) -> None:
+        self.bytes += len(dead.model_dump_json())
+        self.dead_letters += 1
+        if self.kept is not None:
+            self.kept.append(dead)
+        on_acked()
+
+
+def _feed_memory(worker, records: list, partitions: int, rate: float | None, max_in_flight: int,
+                 offset0: int = 0) -> None:
+    """Put records into the worker's pipeline as the consumer would, with its back-pressure."""
+    from kafka.structs import TopicPartition  # noqa: PLC0415
+
+    from moderator.publish import SourceRecord  # noqa: PLC0415
+    from moderator.worker.pipeline import WorkItem  # noqa: PLC0415
+
+    tps = [TopicPartition("bench.images", p) for p in range(partitions)]
+    start = time.perf_counter()
+    for i, (key, value, headers) in enumerate(records):
+        if rate:
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        while worker.tracker.in_flight >= max_in_flight:
+            time.sleep(0.0005)
+        tp = tps[i % partitions]
+        offset = offset0 + i // partitions
+        epoch = worker.tracker.track(tp, offset, len(value))
+        now = time.time()
+        if worker.stats.first_consumed_at is None:
+            worker.stats.first_consumed_at = now
+        worker.stats.add(consumed=1)
+        worker.stages.put(WorkItem(tp, epoch, SourceRecord(tp.topic, tp.partition, offset, None, key, value),
+                                   headers, now, time.monotonic()))
+
+
+# --- the profiler -----------------------------------------------------------------------------------
+
+
+class Profiler:
+    """py-spy on this process (every thread, native frames off) while the context is open."""
+
+    def __init__(self, path: Path | None, rate: int = 100) -> None:
+        self.path, self.rate, self.proc = path, rate, None
+
+    def __enter__(self) -> "Profiler":
+        if self.path is None:
+            return self
+        beside = Path(sys.executable).parent / "py-spy"  # a venv's scripts need not be on PATH
+        exe = str(beside) if beside.is_file() else shutil.which("py-spy")
+        if exe is None:
+            raise RuntimeError("--profile needs py-spy (pip install moderator[dev])")
+        fmt = "flamegraph" if self.path.suffix == ".svg" else "raw"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.raw = self.path if fmt == "raw" else self.path.with_suffix(".collapsed.txt")
+        self.proc = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--rate", str(self.rate),
+                                      "--format", fmt, "--output", str(self.path), "--threads",
+                                      "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)  # attach before the measured phase starts
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"py-spy failed: {self.proc.stderr.read().decode(errors='replace')[-500:]}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def summary(self, top: int = 12) -> dict | None:
+        """Share of samples per thread and the hottest leaf frames, from a collapsed-stack file."""
+        if self.path is None or self.path.suffix == ".svg" or not self.path.is_file():
+            return None
+        return summarize_collapsed(self.path.read_text(errors="replace"), top)
+
+
+def summarize_collapsed(text: str, top: int = 12) -> dict:
+    threads, leaves, total = Counter(), Counter(), 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        # py-spy --threads: the first frame is "thread (TID): NAME"; pool threads are NAME_i
+        thread = frames[0].split(": ", 1)[-1].rstrip("_0123456789") if frames else "?"
+        threads[thread] += n
+        leaves[frames[-1].split(" (")[0]] += n
+        total += n
+    return {"samples": total,
+            "threads": {k: round(v / total, 3) for k, v in threads.most_common(8)} if total else {},
+            "top_leaf_frames": {k: round(v / total, 3) for k, v in leaves.most_common(top)} if total else {}}
+
+
+# --- reference rates --------------------------------------------------------------------------------
+
+
+def _encoder_rates(encoder, images: list[bytes], batch: int, min_seconds: float) -> dict:
+    from PIL import Image  # noqa: PLC0415
+
     pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
-    pixels = np.stack([enc.preprocessor.to_array(im) for im in pil])
+    pixels = np.stack([encoder.preprocessor.to_array(im) for im in pil])
     chunks = [pixels[i:i + batch] for i in range(0, len(pixels), batch)]
 
-    def rate(fn) -> float:
-        fn(chunks[0])  # warm-up
+    def rate(fn, items) -> float:
+        fn(items[0])  # warm-up
         n, t0 = 0, time.perf_counter()
         while True:
-            for c in chunks:
+            for c in items:
                 fn(c)
                 n += len(c)
             dt = time.perf_counter() - t0
             if dt >= min_seconds:
                 return n / dt
 
-    enc_only = rate(enc.encode_pixels)
+    enc_only = rate(encoder.encode_pixels, chunks)
     pil_chunks = [pil[i:i + batch] for i in range(0, len(pil), batch)]
-    enc.encode(pil_chunks[0])
-    t0 = time.perf_counter()
-    for c in pil_chunks:
-        enc.encode(c)
-    with_pre = len(pil) / (time.perf_counter() - t0)
+    with_pre = rate(lambda c: encoder.encode_pixels(encoder.preprocessor.batch(c)), pil_chunks)
     return {"encoder_images_per_s": round(enc_only, 1),
-            "encoder_with_preprocess_images_per_s": round(with_pre, 1),
-            "providers": enc.providers}
+            "encoder_with_preprocess_images_per_s": round(with_pre, 1)}
 
 
-def bench_worker(model_dir: Path | str, policy: Path | str, *, events: int = 2000, size: int = 96,
-                 max_batch: int = 32, max_wait_ms: int = 50, partitions: int = 3,
-                 encoder_seconds: float = 5.0, bootstrap_servers: str | None = None,
-                 timeout_s: float = 600.0, log=print) -> dict:
+SEED_LOOP_PROMPTS = ("a photo of graphic violence", "a photo of a weapon", "a photo of nudity",
+                     "a photo of drugs", "a photo of hate symbols", "a safe photo")
+
+
+def seed_loop_rate(model_dir: Path, images: list[bytes], seconds: float) -> float:
+    """The prototype loop: per image, embed 6 prompts and the image (batch 1) with ONNX Runtime,
+    decode with Pillow, compare. Images/s."""
+    from PIL import Image  # noqa: PLC0415
+
+    from moderator.encode import ImageEncoder, TextEncoder  # noqa: PLC0415
+
+    img_enc, txt_enc = ImageEncoder(model_dir), TextEncoder(model_dir)
+
+    def one(data: bytes) -> None:
+        text = txt_enc.encode(list(SEED_LOOP_PROMPTS))
+        emb = img_enc.encode([Image.open(io.BytesIO(data)).convert("RGB")])
+        (emb @ text.T).argmax()
+
+    one(images[0])
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < 3:
+        one(images[n % len(images)])
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _percentiles(latencies: list[float]) -> dict:
+    if not latencies:
+        return {}
+    a = np.asarray(latencies) * 1000
+    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 1),
+            "p99_ms": round(float(np.percentile(a, 99)), 1), "max_ms": round(float(a.max()), 1)}
+
+
+# --- the benchmark ------------------------------------------------------------------------------------
+
+
+def _wait(worker, target: int, deadline: float, alive: Callable[[], bool]) -> None:
+    while worker.stats.inputs_acked < target and time.monotonic() < deadline and alive():
+        time.sleep(0.01)
+    if worker.stats.inputs_acked < target:
+        raise RuntimeError(f"worker acknowledged {worker.stats.inputs_acked} of {target} inputs")
+
+
+def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "kafka", events: int = 2000,
+                 image: str = "png", size: tuple[int, int] = (96, 96), max_batch: int = 32, max_wait_ms: int = 50,
+                 partitions: int = 3, encoder_seconds: float = 5.0, bootstrap_servers: str | None = None,
+                 backend: str = "onnx", latency: bool = False, latency_events: int | None = None,
+                 seed_loop_model: Path | str | None = None, profile: Path | None = None,
+                 overrides: dict | None = None, timeout_s: float = 900.0, log=print) -> dict:
     from moderator.config import WorkerSettings  # noqa: PLC0415
-    from moderator.produce import ensure_topics, produce, synthetic_events  # noqa: PLC0415
     from moderator.worker.app import Worker  # noqa: PLC0415
 
+    if source not in ("kafka", "memory"):
+        raise ValueError("source is kafka or memory")
     model_dir = Path(model_dir)
+    run = f"bench-{uuid.uuid4().hex[:8]}"
+    log(f"drawing {events} {image} events at {size[0]}x{size[1]} ...")
+    evs = bench_events(events, image, size, seed=7, id_prefix=run)
+    images = [e.image for e in evs[:256]]
+    n_lat = latency_events or min(events, 2000)
+    lat_evs = bench_events(n_lat, image, size, seed=8, id_prefix=f"{run}-lat") if latency else []
+    base = dict(model_dir=model_dir, policy=Path(policy), max_batch=max_batch, max_wait_ms=max_wait_ms,
+                http_port=0, http_host="127.0.0.1", policy_reload_interval_s=0, redis_url=None, log_json=False,
+                encoder_backend=backend, input_topic=f"{run}.images", consumer_group=run,
+                decisions_topic=f"{run}.decisions", flagged_topic=f"{run}.flagged", review_topic=f"{run}.review",
+                dead_letter_topic=f"{run}.dead-letter", **(overrides or {}))
+    result: dict = {}
     with contextlib.ExitStack() as stack:
-        if bootstrap_servers is None:
-            from moderator.devservices import services  # noqa: PLC0415
+        if source == "kafka":
+            from moderator.produce import ensure_topics, produce  # noqa: PLC0415
 
-            running = stack.enter_context(services(kafka=True, redis=False))
-            bootstrap_servers = running.kafka_bootstrap
-        run = f"bench-{uuid.uuid4().hex[:8]}"
-        topics = {f"{run}.images": partitions, f"{run}.decisions": partitions, f"{run}.flagged": 1,
-                  f"{run}.review": 1, f"{run}.dead-letter": 1}
-        ensure_topics(bootstrap_servers, topics)
-        log(f"drawing {events} synthetic {size}x{size} PNG events ...")
-        evs = list(synthetic_events(events, seed=7, size=size, id_prefix=run))
-        images = [e.image for e in evs]
-        report = produce(bootstrap_servers, f"{run}.images", evs)
-        log(f"pre-loaded {report.sent} events ({report.bytes / 1e6:.1f} MB) in {report.seconds:.1f}s")
+            if bootstrap_servers is None:
+                from moderator.devservices import services  # noqa: PLC0415
 
-        settings = WorkerSettings(
-            model_dir=model_dir, policy=Path(policy), kafka_bootstrap_servers=bootstrap_servers,
-            input_topic=f"{run}.images", consumer_group=run, decisions_topic=f"{run}.decisions",
-            flagged_topic=f"{run}.flagged", review_topic=f"{run}.review", dead_letter_topic=f"{run}.dead-letter",
-            max_batch=max_batch, max_wait_ms=max_wait_ms, http_port=0, policy_reload_interval_s=0,
-            redis_url=None, log_json=False)
+                bootstrap_servers = stack.enter_context(services(kafka=True, redis=False)).kafka_bootstrap
+            ensure_topics(bootstrap_servers, {f"{run}.images": partitions, f"{run}.decisions": partitions,
+                                              f"{run}.flagged": 1, f"{run}.review": 1, f"{run}.dead-letter": 1})
+            report = produce(bootstrap_servers, f"{run}.images", evs)
+            log(f"pre-loaded {report.sent} events ({report.bytes / 1e6:.1f} MB) in {report.seconds:.1f}s")
+            settings = WorkerSettings(kafka_bootstrap_servers=bootstrap_servers, **base)
+        else:
+            settings = WorkerSettings(**base)
         worker = Worker(settings)
-        thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
-        t_start = time.time()
-        thread.start()
+        encoder_info = worker.encoder.runtime_info()
         deadline = time.monotonic() + timeout_s
-        while worker.stats.inputs_acked < events and time.monotonic() < deadline and thread.is_alive():
-            time.sleep(0.05)
-        stats = worker.stats.snapshot()
-        worker.request_stop()
-        thread.join(60)
-        if stats["inputs_acked"] < events:
-            raise RuntimeError(f"worker acknowledged {stats['inputs_acked']} of {events} inputs")
-        from kafka import KafkaConsumer, TopicPartition  # noqa: PLC0415
+        if source == "kafka":
+            thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
+            t_start = time.time()
+            cpu0 = time.process_time()
+            with Profiler(profile) as prof:
+                thread.start()
+                _wait(worker, events, deadline, thread.is_alive)
+                cpu = time.process_time() - cpu0
+            stats = worker.stats.snapshot()
+        else:
+            from kafka.structs import TopicPartition  # noqa: PLC0415
 
-        c = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
-        try:
-            ends = c.end_offsets([TopicPartition(f"{run}.decisions", p) for p in range(partitions)])
-        finally:
-            c.close()
-        on_topic = sum(ends.values())
+            sink = MemorySink()
+            worker.pipeline.publisher = sink
+            worker.tracker.assign([TopicPartition("bench.images", p) for p in range(partitions)])
+            worker.stages.start()
+            records = [e.record() for e in evs]  # (key, value, headers), as the consumer hands them over
+            t_start = time.time()
+            with Profiler(profile) as prof:
+                cpu0 = time.process_time()
+                _feed_memory(worker, records, partitions, None, settings.max_in_flight)
+                _wait(worker, events, deadline, lambda: True)
+                cpu = time.process_time() - cpu0
+            stats = worker.stats.snapshot()
         busy = stats["last_acked_at"] - stats["first_consumed_at"]
-        worker_rate = events / busy
-        log("measuring the bare ONNX encoder on the same images ...")
-        enc = _encoder_rates(model_dir, images, max_batch, encoder_seconds)
-    result = {
-        "events": events, "decisions_on_topic": on_topic, "dead_letters": stats["dead_letters"],
-        "worker_decisions_per_s": round(worker_rate, 1),
-        "worker_seconds_first_consume_to_last_ack": round(busy, 2),
-        "worker_seconds_including_startup": round(stats["last_acked_at"] - t_start, 2),
-        **enc,
-        "ratio_worker_to_encoder": round(worker_rate / enc["encoder_images_per_s"], 3),
-        "ratio_worker_to_encoder_with_preprocess": round(worker_rate / enc["encoder_with_preprocess_images_per_s"], 3),
-        "max_batch": max_batch, "max_wait_ms": max_wait_ms, "partitions": partitions,
-        "image": f"{size}x{size} PNG, base64 in JSON", "cpus": os.cpu_count(), "machine": platform.machine(),
-    }
+        rate = events / busy
+        result.update({
+            "source": source, "events": events, "dead_letters": stats["dead_letters"],
+            "worker_decisions_per_s": round(rate, 1),
+            "worker_seconds_first_consume_to_last_ack": round(busy, 2),
+            "worker_seconds_including_startup": round(stats["last_acked_at"] - t_start, 2),
+            "cpu_seconds_per_event_ms": round(1000 * cpu / events, 3),
+            "stage_ms_per_event": {k: round(1000 * v / events, 3) for k, v in stats["stage_seconds"].items() if v},
+        })
+        if prof.summary():
+            result["profile"] = {"file": str(profile), **prof.summary()}
+        if latency:
+            target = 0.5 * rate
+            log(f"latency phase: {n_lat} events at {target:.0f}/s (half the measured rate) ...")
+            worker.stats.latencies = []
+            acked0 = worker.stats.inputs_acked
+            recs = [e.record() for e in lat_evs]
+            if source == "kafka":
+                from moderator.produce import produce as produce_at  # noqa: PLC0415
+
+                produce_at(bootstrap_servers, f"{run}.images", lat_evs, rate=target)
+                _wait(worker, acked0 + n_lat, deadline, thread.is_alive)
+            else:
+                _feed_memory(worker, recs, partitions, target,
+                             settings.max_in_flight, offset0=events)
+                _wait(worker, acked0 + n_lat, deadline, lambda: True)
+            result["latency_at_half_rate"] = {"rate_per_s": round(target, 1), "max_wait_ms": max_wait_ms,
+                                              **_percentiles(worker.stats.latencies)}
+        if source == "kafka":
+            worker.request_stop()
+            thread.join(60)
+            from kafka import KafkaConsumer, TopicPartition  # noqa: PLC0415
+
+            c = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+            try:
+                ends = c.end_offsets([TopicPartition(f"{run}.decisions", p) for p in range(partitions)])
+            finally:
+                c.close()
+            result["decisions_on_topic"] = sum(ends.values())
+        else:
+            worker.stages.close()
+            worker.stages.join(30)
+            worker.stages.shutdown()
+            result["decisions_in_sink"] = sink.decisions
+        log("measuring the image encoder alone on the same images ...")
+        enc = _encoder_rates(worker.encoder, images, max_batch, encoder_seconds)
+    result.update(enc)
+    result["ratio_worker_to_encoder"] = round(rate / enc["encoder_images_per_s"], 3)
+    result["ratio_worker_to_encoder_with_preprocess"] = round(rate / enc["encoder_with_preprocess_images_per_s"], 3)
+    if seed_loop_model is not None:
+        log("measuring the seed loop (6 prompts + the image per image, batch 1) ...")
+        seed = seed_loop_rate(Path(seed_loop_model), images, encoder_seconds)
+        result["seed_loop_images_per_s"] = round(seed, 2)
+        result["ratio_worker_to_seed_loop"] = round(rate / seed, 2)
+    result.update({
+        "backend": backend, "encoder": encoder_info, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+        "partitions": partitions, "image": f"{size[0]}x{size[1]} {image.upper()}, base64 in JSON",
+        "cpus": os.cpu_count(), "machine": platform.machine(),
+    })
     return result
+
+
+# --- JPEG draft: what the DCT-domain downscale costs in accuracy and pixels ----------------------
+
+
+def jpeg_draft_effect(model_dir: Path | str, *, n: int = 1000, size: int = 512, quality: int = 85,
+                      seed: int = 0) -> dict:
+    """Held-out zero-shot accuracy of the demo domain through the worker's decode path
+    (``decode_image`` + preprocessing + the ONNX encoder), with and without ``draft``, on
+    ``n`` held-out scenes drawn at ``size`` px and stored as JPEG; plus the pixel
+    difference of the two preprocessed inputs (0-255 units, before normalisation) and the
+    decode+preprocess time of each."""
+    from moderator.decode import decode_image  # noqa: PLC0415
+    from moderator.encode import ImageEncoder, TextEncoder, ensemble_embeddings  # noqa: PLC0415
+    from moderator.model import synth  # noqa: PLC0415
+
+    enc = ImageEncoder(model_dir)
+    pre = enc.preprocessor
+    h, w = pre.image_size
+    names = synth.class_names()
+    text = ensemble_embeddings(TextEncoder(model_dir), names, synth.ZERO_SHOT_TEMPLATES)
+    rng = np.random.default_rng([seed, 5])
+    blobs, labels = [], []
+    for s in synth.iter_samples(n, seed, "heldout", size):
+        arr = np.asarray(s.image, dtype=np.int16) + rng.normal(0, 4, (size, size, 1)).astype(np.int16)
+        buf = io.BytesIO()
+        from PIL import Image  # noqa: PLC0415
+
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+        blobs.append(buf.getvalue())
+        labels.append(names.index(f"{s.colour} {s.shape}"))
+    out: dict = {"n": n, "image": f"{size}x{size} JPEG q{quality}", "model_input": [h, w]}
+    crops: dict[str, list] = {}
+    for name, draft in (("full", None), ("draft", (w, h))):
+        t0 = time.perf_counter()
+        crops[name] = [np.asarray(pre.resize_and_crop(decode_image(b, draft=draft).image)) for b in blobs]
+        dt = time.perf_counter() - t0
+        pixels = np.stack([pre.to_array(decode_image(b, draft=draft).image) for b in blobs])
+        pred = np.concatenate([(enc.encode_pixels(pixels[i:i + 64]) @ text.T).argmax(1)
+                               for i in range(0, n, 64)])
+        out[name] = {"accuracy": round(float((pred == np.asarray(labels)).mean()), 4),
+                     "decode_preprocess_per_s": round(n / dt, 1)}
+    diff = np.abs(np.stack(crops["full"]).astype(np.int16) - np.stack(crops["draft"]).astype(np.int16))
+    out["pixel_abs_diff"] = {"max": int(diff.max()), "mean": round(float(diff.mean()), 3),
+                             "p99": float(np.percentile(diff, 99))}
+    out["accuracy_delta_points"] = round(100 * (out["draft"]["accuracy"] - out["full"]["accuracy"]), 2)
+    return out

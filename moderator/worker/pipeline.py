@@ -67,7 +67,8 @@ class Prepared:
     event_id: str | None = None
     error: ModeratorError | None = None
     image_sha256: str | None = None
-    data: bytes | None = None  # kept only for GPU decode (an eligible JPEG)
+    data: bytes | None = None  # kept only for GPU decode (an eligible JPEG) ...
+    probe: object | None = None  # ... with its header probe (JpegProbe)
     pixels: np.ndarray | None = None
     embedding: np.ndarray | None = None
     cached: bool = False
@@ -102,6 +103,7 @@ class WorkerStats:
     first_consumed_at: float | None = None
     last_acked_at: float | None = None
     stage_seconds: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    latencies: list | None = None  # consume -> acked seconds per input, when a benchmark asks
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -119,7 +121,7 @@ class WorkerStats:
 
     def snapshot(self) -> dict:
         with self._lock:
-            snap = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+            snap = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "latencies"}
             snap["stage_seconds"] = dict(self.stage_seconds)
             return snap
 
@@ -212,9 +214,13 @@ class Pipeline:
 
     def _decode(self, data: bytes, p: Prepared) -> None:
         t0 = time.perf_counter()
-        if self.device_jpeg is not None and self.device_jpeg.eligible(data, self.decode_limits):
-            p.data = data  # decoded with its batch on the GPU (finish)
-            return
+        if self.device_jpeg is not None:
+            # the same hostile-input checks as decode_image, on the header only; bad input raises here
+            probe = self.device_jpeg.eligible(data, self.decode_limits, sha256=p.image_sha256)
+            if probe is not None:
+                p.data, p.probe = data, probe  # decoded with its batch on the GPU (finish)
+                self.stats.took("decode", time.perf_counter() - t0)
+                return
         decoded = decode_image(data, self.decode_limits, sha256=p.image_sha256, draft=self.draft)
         p.pixels = self.preprocessor.to_array(decoded.image)
         p.image_sha256 = decoded.sha256
@@ -239,7 +245,7 @@ class Pipeline:
             self.stats.took("encode", dt, len(misses))
             share = _ms(dt / len(misses))
             for p, e in zip(misses, emb):
-                p.embedding, p.pixels, p.data = e, None, None
+                p.embedding, p.pixels, p.data, p.probe = e, None, None, None
                 p.timings["encode"] = share
             if self.embedding_cache is not None:
                 self.embedding_cache.put_many(
@@ -268,13 +274,13 @@ class Pipeline:
     def _device_decode(self, items: list[Prepared]):
         """nvJPEG the batch's JPEGs; the ones it cannot decode take the CPU path here."""
         t0 = time.perf_counter()
-        tensor, failed = self.device_jpeg([p.data for p in items])
+        tensor, failed = self.device_jpeg([p.data for p in items], [p.probe for p in items])
         failed = set(failed)
         ok = []
         for i, p in enumerate(items):
             if i in failed:
                 try:
-                    data, p.data = p.data, None
+                    data, p.data, p.probe = p.data, None, None
                     decoded = decode_image(data, self.decode_limits, sha256=p.image_sha256, draft=self.draft)
                     p.pixels = self.preprocessor.to_array(decoded.image)
                 except ModeratorError as e:
@@ -325,6 +331,8 @@ class Pipeline:
                 return  # revoked meanwhile: published, but the new owner decides it again
             now = time.time()
             metrics.END_TO_END_SECONDS.labels(clock="consumed").observe(max(0.0, now - item.consumed_wall))
+            if self.stats.latencies is not None:
+                self.stats.latencies.append(now - item.consumed_wall)
             if p.event is not None and p.event.created_at is not None:
                 metrics.END_TO_END_SECONDS.labels(clock="created_at").observe(max(0.0, now - p.event.created_at))
             self.stats.last_acked_at = now

@@ -1,0 +1,124 @@
+"""The benchmark commands' mechanics (never their speed): they run, count every event,
+report each figure they promise, and the JPEG draft path decodes what it should."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moderator.decode import decode_image
+from moderator.worker.bench import bench_worker, photo_like_jpeg, summarize_collapsed
+
+from conftest import DEMO_POLICY_PATH
+
+
+def test_memory_source_runs_the_whole_pipeline(random_model_dir, tmp_path):
+    r = bench_worker(random_model_dir, DEMO_POLICY_PATH, source="memory", events=60, image="png", size=(40, 40),
+                     max_batch=8, max_wait_ms=5, encoder_seconds=0.2, latency=True, latency_events=30,
+                     profile=tmp_path / "profile.txt", log=lambda m: None)
+    assert r["decisions_in_sink"] == 90 and r["dead_letters"] == 0  # both phases, every event decided
+    for key in ("worker_decisions_per_s", "encoder_images_per_s", "encoder_with_preprocess_images_per_s",
+                "ratio_worker_to_encoder", "ratio_worker_to_encoder_with_preprocess", "cpu_seconds_per_event_ms"):
+        assert r[key] > 0, key
+    assert {"parse", "hash_cache", "decode", "encode", "score", "publish"} <= set(r["stage_ms_per_event"])
+    lat = r["latency_at_half_rate"]
+    assert lat["n"] == 30 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    prof = r["profile"]  # py-spy sampled this process's threads while the pipeline ran
+    assert prof["samples"] > 0 and (tmp_path / "profile.txt").stat().st_size > 0
+    assert {"prepare", "encode"} & set(prof["threads"])
+
+
+def test_jpeg_events_take_the_draft_path_and_are_all_decided(random_model_dir):
+    r = bench_worker(random_model_dir, DEMO_POLICY_PATH, source="memory", events=12, image="jpeg",
+                     size=(320, 240), max_batch=4, max_wait_ms=5, encoder_seconds=0.1, log=lambda m: None)
+    assert r["decisions_in_sink"] == 12 and r["image"].startswith("320x240 JPEG")
+
+
+def test_summarize_collapsed_counts_threads_and_leaves():
+    text = ("thread (1): encode;a (x.py:1);Session.run (o.py:2) 30\n"
+            "thread (2): prepare_0;a (x.py:1);ImageFile.load (i.py:3) 50\n"
+            "thread (3): prepare_3;a (x.py:1);ImageFile.load (i.py:3) 20\n")
+    s = summarize_collapsed(text)
+    assert s["samples"] == 100
+    assert s["threads"] == {"prepare": 0.7, "encode": 0.3}
+    assert s["top_leaf_frames"] == {"ImageFile.load": 0.7, "Session.run": 0.3}
+
+
+# --- JPEG draft in decode_image --------------------------------------------------------------------
+
+
+def _jpeg(w: int, h: int) -> bytes:
+    data, _ = photo_like_jpeg(np.random.default_rng(0), w, h)
+    return data
+
+
+def test_draft_downscales_large_jpegs_in_the_dct_domain_never_below_the_target():
+    big = _jpeg(1024, 768)
+    full, drafted = decode_image(big), decode_image(big, draft=(224, 224))
+    assert full.image.size == (1024, 768)
+    assert drafted.image.size == (512, 384)  # 1/4 would be 256x192 < 224 on one side
+    assert drafted.original_size == (1024, 768) and drafted.sha256 == full.sha256
+    assert decode_image(big, draft=(64, 64)).image.size == (128, 96)  # 1/8
+    assert decode_image(_jpeg(300, 300), draft=(224, 224)).image.size == (300, 300)  # < 2x: untouched
+    png = io.BytesIO()
+    Image.new("RGB", (1024, 768), "red").save(png, "PNG")
+    assert decode_image(png.getvalue(), draft=(64, 64)).image.size == (1024, 768)  # JPEG only
+
+
+def test_draft_changes_the_model_input_only_slightly(random_model_dir):
+    from moderator.encode import ImageEncoder
+
+    enc = ImageEncoder(random_model_dir)
+    h, w = enc.preprocessor.image_size
+    big = _jpeg(1024, 768)
+    a = np.asarray(enc.preprocessor.resize_and_crop(decode_image(big).image), dtype=np.int16)
+    b = np.asarray(enc.preprocessor.resize_and_crop(decode_image(big, draft=(w, h)).image), dtype=np.int16)
+    diff = np.abs(a - b)
+    # measured: mean ~1-2 grey levels; the DCT-domain and bicubic reductions differ at edges
+    assert diff.mean() < 4 and diff.max() < 80
+    ea = enc.encode([Image.fromarray(a.astype(np.uint8))])
+    eb = enc.encode([Image.fromarray(b.astype(np.uint8))])
+    assert float((ea @ eb.T)[0, 0]) > 0.98
+
+
+def test_a_cached_sha256_is_used_not_recomputed():
+    data = _jpeg(64, 48)
+    assert decode_image(data, sha256="f" * 64).sha256 == "f" * 64
+
+
+@pytest.mark.parametrize("bad", [b"", b"\xff\xd8\xff\xe0 not really", b"\xff\xd8" + b"\x00" * 30])
+def test_draft_keeps_bad_input_errors_named(bad):
+    from moderator.errors import InputError
+
+    with pytest.raises(InputError) as plain:
+        decode_image(bad)
+    with pytest.raises(InputError) as drafted:
+        decode_image(bad, draft=(64, 64))
+    assert plain.value.reason == drafted.value.reason
+
+
+def test_gpu_worker_script_runs_its_cpu_fallback(tmp_path):
+    """deploy/bench/gpu-worker.sh is for a GPU host; without CUDA it must still run end to end
+    (torch backend, CPU decode) -- with a tiny model and a few events to keep it quick."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch = pytest.importorskip("torch")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "MODEL_NAME": "moderator-tiny", "EVENTS": "24",
+           "SIZE": "320x240", "MAX_BATCH": "8", "ENCODER_SECONDS": "0.2", "ANCHOR": "skip"}
+    out = subprocess.run(["bash", str(repo / "deploy/bench/gpu-worker.sh"), str(tmp_path)], env=env, cwd=repo,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = ["gpu-decode", "cpu-decode"] if torch.cuda.is_available() else ["cpu-decode"]
+    for name in runs:
+        r = json.loads((tmp_path / f"{name}.json").read_text().splitlines()[-1])
+        assert r["backend"] == "torch" and r["decisions_in_sink"] == 48 and r["dead_letters"] == 0
+        assert r["latency_at_half_rate"]["n"] == 24
+    assert "decisions/s" in out.stdout and runs[-1] in out.stdout.splitlines()[-1]
