@@ -12,7 +12,7 @@ from PIL import Image
 from moderator.decode import decode_image
 from moderator.worker.bench import bench_worker, photo_like_jpeg, summarize_collapsed
 
-from conftest import DEMO_POLICY_PATH
+from moderator.demo import DEMO_POLICY as DEMO_POLICY_PATH
 
 
 def test_memory_source_runs_the_whole_pipeline(random_model_dir, tmp_path):

@@ -14,7 +14,7 @@ from moderator.config import WorkerSettings
 from moderator.errors import ModelError
 from moderator.worker.bench import MemorySink, _feed_memory, photo_like_jpeg
 
-from conftest import DEMO_POLICY_PATH
+from moderator.demo import DEMO_POLICY as DEMO_POLICY_PATH
 
 
 def _events() -> list[tuple[bytes, bytes, list]]:
