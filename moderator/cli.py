@@ -16,12 +16,23 @@ from moderator.errors import ModeratorError
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
+    from moderator.errors import ModelError
     from moderator.model.export import export_model, load_model
 
-    loaded = load_model(a.model, pretrained=a.pretrained, checkpoint=a.checkpoint,
-                        config=a.config, seed=a.seed)
-    md = export_model(loaded, a.out, precision=a.precision, overwrite=a.overwrite)
-    print(json.dumps(md.describe(), indent=2))
+    def load():
+        return load_model(a.model, pretrained=a.pretrained, checkpoint=a.checkpoint, config=a.config, seed=a.seed)
+
+    if a.quantize is None:
+        if a.calibration_dir is not None:
+            raise ModelError("--calibration-dir is only used with --quantize int8")
+        md = export_model(load(), a.out, precision=a.precision, overwrite=a.overwrite)
+    else:
+        from moderator.model.quantize import export_quantized
+
+        md = export_quantized(load, a.out, a.calibration_dir, precision=a.precision,
+                              calibration_images=a.calibration_images, overwrite=a.overwrite)
+    q = md.manifest.quantization
+    print(json.dumps({**md.describe(), **({"quantization": q.model_dump()} if q else {})}, indent=2))
     return 0
 
 
@@ -254,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     e.add_argument("--out", type=Path, required=True, help="model directory to write")
     e.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    e.add_argument("--quantize", choices=("int8",),
+                   help="serve a static QDQ int8 image encoder (text encoder stays fp32); needs --calibration-dir")
+    e.add_argument("--calibration-dir", type=Path,
+                   help="typical input images (files directly in DIR) that fix the int8 activation ranges")
+    e.add_argument("--calibration-images", type=int, default=200,
+                   help="calibration images to use, at most (default: %(default)s)")
     e.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("synth", help="draw the synthetic shapes data set",

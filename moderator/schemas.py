@@ -68,6 +68,41 @@ class EncoderFile(_Strict):
     input_dtype: Literal["float32", "float16", "int64", "int32"]
 
 
+QuantCalibration = Literal["minmax", "entropy", "percentile"]
+QuantActivations = Literal["uint8", "int8"]
+
+
+class Quantization(_Strict):
+    """How an int8 image encoder was made from the fp32 one (``moderator export --quantize int8``).
+
+    The fp32 encoder it came from stays in the directory as ``source_file``;
+    ``image_encoder.file`` names the quantized one, which the runtime serves.
+    """
+
+    method: Literal["static_qdq_int8"] = Field(
+        description="ONNX Runtime static quantization, QDQ format, int8 ranges fixed by calibration")
+    source_file: str = Field(description="the fp32 image encoder that was quantized (kept)")
+    source_sha256: str
+    calibration_images: int = Field(ge=1, description="images the activation ranges were calibrated on")
+    calibration_skipped: int = Field(default=0, ge=0,
+                                     description="files in the calibration directory that did not decode")
+    calibration_sha256: str = Field(description="sha256 over the sorted sha256 digests of the calibration images")
+    calibrate_method: QuantCalibration
+    per_channel: bool = Field(description="weights quantized per output channel (else per tensor)")
+    reduce_range: bool = False
+    activation_type: QuantActivations = Field(description="uint8: asymmetric (ORT CPU); int8: symmetric (TensorRT)")
+    weight_type: Literal["int8"] = "int8"
+    op_types: list[str] = Field(description="operator types whose inputs were quantized; the rest run in float")
+    ort_preprocess: Literal["full", "onnx_shapes", "none"] = Field(
+        description="onnxruntime's quant_pre_process before quantizing: with symbolic shape inference, "
+                    "with ONNX shape inference only (symbolic failed), or none (both failed)")
+    calibration_cosine_min: float = Field(
+        description="smallest cosine between int8 and fp32 embeddings of (up to 32) calibration images")
+    calibration_cosine_mean: float
+    onnxruntime: str = Field(description="version of onnxruntime that quantized")
+    quantized_at: str
+
+
 class Manifest(_Strict):
     """``manifest.json`` of an exported model directory."""
 
@@ -88,6 +123,8 @@ class Manifest(_Strict):
     files: dict[str, str] = Field(description="file name -> sha256 of every file in the directory")
     exporter: dict[str, str] = Field(description="versions of the tools that produced the export")
     created_at: str
+    quantization: Quantization | None = Field(
+        default=None, description="set when the image encoder is int8 (absent: float encoders only)")
 
     @field_validator("files")
     @classmethod
@@ -96,6 +133,18 @@ class Manifest(_Strict):
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"files[{name!r}] is not a lowercase sha256 hex digest")
         return v
+
+    @model_validator(mode="after")
+    def _quantization_files(self) -> "Manifest":
+        q = self.quantization
+        if q is not None:
+            if q.source_file == self.image_encoder.file:
+                raise ValueError("quantization.source_file must differ from image_encoder.file")
+            if q.source_file not in self.files:
+                raise ValueError(f"quantization.source_file {q.source_file!r} is not listed in files")
+            if self.files[q.source_file] != q.source_sha256:
+                raise ValueError("quantization.source_sha256 does not match files[source_file]")
+        return self
 
 
 # --- policy ------------------------------------------------------------------
