@@ -185,14 +185,20 @@ def _size(text: str) -> tuple[int, int]:
 def _cmd_bench_worker(a: argparse.Namespace) -> int:
     from moderator.worker.bench import bench_worker
 
-    overrides = {"jpeg_draft": a.jpeg_draft, "adaptive_batching": a.adaptive_batching, "gpu_decode": a.gpu_decode}
+    overrides = {"jpeg_draft": a.jpeg_draft, "adaptive_batching": a.adaptive_batching, "gpu_decode": a.gpu_decode,
+                 "ort_spin_wait": a.ort_spin_wait}
     if a.prepare_workers:
         overrides["prepare_workers"] = a.prepare_workers
+    for kv in a.set or ():
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"moderator bench-worker: --set takes SETTING=VALUE, not {kv!r}")
+        overrides[key.strip().lower().removeprefix("moderator_")] = value
     r = bench_worker(a.model, a.policy, source=a.source, events=a.events, image=a.image, size=a.size,
                      max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
                      encoder_seconds=a.encoder_seconds, bootstrap_servers=a.bootstrap_servers, backend=a.backend,
                      latency=a.latency, latency_events=a.latency_events, seed_loop_model=a.seed_loop_model,
-                     profile=a.profile, overrides=overrides, log=lambda m: print(m, file=sys.stderr))
+                     profile=a.profile, profile_gil=a.profile_gil, overrides=overrides, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(r))
     print(f"worker ({a.source}): {r['worker_decisions_per_s']} decisions/s; "
           f"encoder alone: {r['encoder_images_per_s']} images/s "
@@ -399,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="batches always wait for max_batch or max_wait_ms")
     bw.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=True,
                     help="torch backend on CUDA: nvJPEG batch decode (MODERATOR_GPU_DECODE)")
+    bw.add_argument("--ort-spin-wait", action="store_true", help="MODERATOR_ORT_SPIN_WAIT=true in the worker")
+    bw.add_argument("--set", action="append", metavar="SETTING=VALUE",
+                    help="any other worker setting for this run, e.g. --set ort_threads=1 (repeatable)")
     bw.add_argument("--encoder-seconds", type=float, default=5.0)
     bw.add_argument("--latency", action="store_true",
                     help="then run at half the measured rate and report p50/p99 consume -> acknowledged")
@@ -407,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time the prototype loop (6 prompts + the image per image, batch 1) on this model")
     bw.add_argument("--profile", type=Path, metavar="FILE",
                     help="py-spy the measured phase: FILE.svg flame graph, else collapsed stacks (+ top frames)")
+    bw.add_argument("--profile-gil", action="store_true",
+                    help="with --profile: sample only the thread holding the GIL")
     bw.add_argument("--bootstrap-servers", help="use this Kafka instead of starting one")
     bw.set_defaults(func=_cmd_bench_worker)
 

@@ -56,6 +56,9 @@ class WorkerSettings(BaseSettings):
         default=[], description="ONNX Runtime execution providers in order, comma-separated; "
                                 "empty: the best this build offers")
     ort_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: runtime default")
+    ort_spin_wait: bool = Field(
+        default=False, description="let ONNX Runtime's threads busy-wait between batches (faster alone, but "
+                                   "it takes CPU from decoding and Kafka in the worker)")
     ort_io_binding: bool = Field(
         default=True, description="on the CUDA/TensorRT providers, bind inputs and outputs to the device "
                                   "(one copy each way per batch)")

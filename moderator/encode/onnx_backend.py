@@ -58,6 +58,10 @@ class OrtOptions:
     trt_fp16: bool = True  # TensorRT builds fp16 engines (the ONNX file stays fp32)
     trt_engine_cache_dir: str = ""  # "": no cache; engines take minutes to build, so set it in production
     io_binding: bool = True  # on CUDA: output stays on the device until one copy back per batch
+    # ONNX Runtime's intra-op threads busy-wait for the next run by default: right for a benchmark
+    # loop, but in the worker the encoder runs between other stages' work, and the spinning eats
+    # the cores that decode and Kafka need
+    allow_spinning: bool = True
 
 
 def provider_options(providers: Sequence[str], opts: OrtOptions) -> list[dict]:
@@ -97,6 +101,9 @@ class _OnnxEncoder:
         )
         if options.intra_op_threads:
             sess.intra_op_num_threads = options.intra_op_threads
+        if not options.allow_spinning:
+            sess.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sess.add_session_config_entry("session.inter_op.allow_spinning", "0")
         sess.log_severity_level = 3
         chosen = choose_providers(options.providers or None)
         if options.trt_engine_cache_dir and "TensorrtExecutionProvider" in chosen:

@@ -61,7 +61,7 @@ __all__ = ["Worker", "WorkerStats", "run_worker", "ort_options", "torch_options"
 def ort_options(s: WorkerSettings) -> OrtOptions:
     return OrtOptions(providers=tuple(s.ort_providers), intra_op_threads=s.ort_threads, device_id=s.gpu_device_id,
                       trt_fp16=s.ort_trt_fp16, trt_engine_cache_dir=s.ort_trt_engine_cache_dir,
-                      io_binding=s.ort_io_binding)
+                      io_binding=s.ort_io_binding, allow_spinning=s.ort_spin_wait)
 
 
 def torch_options(s: WorkerSettings) -> TorchOptions:

@@ -20,7 +20,8 @@ ratios (the machines are noisy; absolute numbers from different runs do not).
   figure;
 - ``--profile FILE``: py-spy samples every thread of this process during the
   measured phase (``.svg`` flame graph, anything else collapsed stacks) and the
-  result line gets the top frames.
+  result line gets the top frames; ``--profile-gil`` samples only the thread holding the GIL
+  (what serialises the worker's Python).
 
 Per-stage seconds per event and process CPU seconds per event come with every run.
 """
@@ -138,8 +139,8 @@ def _feed_memory(worker, records: list, partitions: int, rate: float | None, max
 class Profiler:
     """py-spy on this process (every thread, native frames off) while the context is open."""
 
-    def __init__(self, path: Path | None, rate: int = 100) -> None:
-        self.path, self.rate, self.proc = path, rate, None
+    def __init__(self, path: Path | None, rate: int = 100, gil: bool = False) -> None:
+        self.path, self.rate, self.gil, self.proc = path, rate, gil, None
 
     def __enter__(self) -> "Profiler":
         if self.path is None:
@@ -153,7 +154,7 @@ class Profiler:
         self.raw = self.path if fmt == "raw" else self.path.with_suffix(".collapsed.txt")
         self.proc = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--rate", str(self.rate),
                                       "--format", fmt, "--output", str(self.path), "--threads",
-                                      "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      "--nonblocking", *(["--gil"] if self.gil else [])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)  # attach before the measured phase starts
         if self.proc.poll() is not None:
             raise RuntimeError(f"py-spy failed: {self.proc.stderr.read().decode(errors='replace')[-500:]}")
@@ -258,6 +259,16 @@ def _percentiles(latencies: list[float]) -> dict:
 # --- the benchmark ------------------------------------------------------------------------------------
 
 
+_PACED_PRODUCER = """
+import sys
+from moderator.produce import produce
+from moderator.worker.bench import bench_events
+servers, topic, image, size, n, rate, prefix = sys.argv[1:8]
+w, _, h = size.partition("x")
+produce(servers, topic, bench_events(int(n), image, (int(w), int(h)), seed=8, id_prefix=prefix), rate=float(rate))
+"""
+
+
 def _wait(worker, target: int, deadline: float, alive: Callable[[], bool]) -> None:
     while worker.stats.inputs_acked < target and time.monotonic() < deadline and alive():
         time.sleep(0.01)
@@ -269,9 +280,10 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                  image: str = "png", size: tuple[int, int] = (96, 96), max_batch: int = 32, max_wait_ms: int = 50,
                  partitions: int = 3, encoder_seconds: float = 5.0, bootstrap_servers: str | None = None,
                  backend: str = "onnx", latency: bool = False, latency_events: int | None = None,
-                 seed_loop_model: Path | str | None = None, profile: Path | None = None,
+                 seed_loop_model: Path | str | None = None, profile: Path | None = None, profile_gil: bool = False,
                  overrides: dict | None = None, timeout_s: float = 900.0, log=print) -> dict:
     from moderator.config import WorkerSettings  # noqa: PLC0415
+    from moderator.encode import ImageEncoder  # noqa: PLC0415
     from moderator.worker.app import Worker  # noqa: PLC0415
 
     if source not in ("kafka", "memory"):
@@ -282,7 +294,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
     evs = bench_events(events, image, size, seed=7, id_prefix=run)
     images = [e.image for e in evs[:256]]
     n_lat = latency_events or min(events, 2000)
-    lat_evs = bench_events(n_lat, image, size, seed=8, id_prefix=f"{run}-lat") if latency else []
+    lat_evs = bench_events(n_lat, image, size, seed=8, id_prefix=f"{run}-lat") if latency and source == "memory" else []
     base = dict(model_dir=model_dir, policy=Path(policy), max_batch=max_batch, max_wait_ms=max_wait_ms,
                 http_port=0, http_host="127.0.0.1", policy_reload_interval_s=0, redis_url=None, log_json=False,
                 encoder_backend=backend, input_topic=f"{run}.images", consumer_group=run,
@@ -309,13 +321,16 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
         # The encoder is timed before and after the worker and the two averaged: on a shared
         # machine a single reference measurement can be off by 2x; the spread is reported.
         log("measuring the image encoder alone on the same images (before the worker) ...")
-        enc_before = _encoder_rates(worker.encoder, images, max_batch, encoder_seconds)
+        # The reference is the encoder at its own best (ONNX: a fresh session with ONNX Runtime's
+        # defaults: every core, spinning threads), not the worker's session with its tuning.
+        reference = worker.encoder if backend != "onnx" else ImageEncoder(worker.model_dir)
+        enc_before = _encoder_rates(reference, images, max_batch, encoder_seconds)
         deadline = time.monotonic() + timeout_s
         if source == "kafka":
             thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
             t_start = time.time()
             cpu0 = time.process_time()
-            with Profiler(profile) as prof:
+            with Profiler(profile, gil=profile_gil) as prof:
                 thread.start()
                 _wait(worker, events, deadline, thread.is_alive)
                 cpu = time.process_time() - cpu0
@@ -329,7 +344,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             worker.stages.start()
             records = [e.record() for e in evs]  # (key, value, headers), as the consumer hands them over
             t_start = time.time()
-            with Profiler(profile) as prof:
+            with Profiler(profile, gil=profile_gil) as prof:
                 cpu0 = time.process_time()
                 _feed_memory(worker, records, partitions, None, settings.max_in_flight)
                 _wait(worker, events, deadline, lambda: True)
@@ -354,10 +369,13 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             acked0 = worker.stats.inputs_acked
             recs = [e.record() for e in lat_evs]
             if source == "kafka":
-                from moderator.produce import produce as produce_at  # noqa: PLC0415
-
-                produce_at(bootstrap_servers, f"{run}.images", lat_evs, rate=target)
+                # the load generator in its own process: it must not share the worker's GIL
+                proc = subprocess.Popen([sys.executable, "-c", _PACED_PRODUCER, bootstrap_servers, f"{run}.images",
+                                         image, f"{size[0]}x{size[1]}", str(n_lat), str(target), f"{run}-lat"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 _wait(worker, acked0 + n_lat, deadline, thread.is_alive)
+                if proc.wait(60) != 0:
+                    raise RuntimeError(f"paced producer failed: {proc.stderr.read().decode()[-800:]}")
             else:
                 _feed_memory(worker, recs, partitions, target,
                              settings.max_in_flight, offset0=events)
@@ -381,7 +399,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             worker.stages.shutdown()
             result["decisions_in_sink"] = sink.decisions
         log("measuring the image encoder alone on the same images (after the worker) ...")
-        enc_after = _encoder_rates(worker.encoder, images, max_batch, encoder_seconds)
+        enc_after = _encoder_rates(reference, images, max_batch, encoder_seconds)
     enc = {k: round((enc_before[k] + enc_after[k]) / 2, 1) for k in enc_before}
     result.update(enc)
     result["encoder_spread_before_after"] = {k: [enc_before[k], enc_after[k]] for k in enc_before}
