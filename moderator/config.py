@@ -96,6 +96,10 @@ class WorkerSettings(BaseSettings):
         description="group session timeout: how soon a crashed replica's partitions move")
     heartbeat_interval_ms: int = Field(default=2_000, ge=100, description="group heartbeat interval")
     max_poll_interval_ms: int = Field(default=300_000, ge=1000, description="max time between polls")
+    metadata_max_age_ms: int = Field(
+        default=10_000, ge=1000,
+        description="how often the consumer refreshes topic metadata: new partitions, or a topic whose "
+                    "metadata the broker did not have yet when the group formed, are picked up this soon")
     poll_max_records: int = Field(default=256, ge=1, description="records taken per poll")
     commit_interval_ms: int = Field(default=500, ge=10, description="how often acknowledged offsets commit")
     delivery_timeout_ms: int = Field(
@@ -125,7 +129,12 @@ class WorkerSettings(BaseSettings):
     adaptive_batching: bool = Field(
         default=True, description="when the encoder is idle a waiting batch goes at once instead of at "
                                   "max_wait_ms; under load batches still fill to max_batch")
-    prepare_workers: int = Field(default=4, ge=1, description="threads that fetch, hash, decode and preprocess")
+    prepare_workers: int = Field(
+        default=8, ge=1, description="threads that fetch image URLs (they wait on the network, so more than "
+                                     "the cores)")
+    decode_concurrency: int = Field(
+        default=0, ge=0, description="threads that parse, hash, decode and preprocess (CPU work under the GIL: "
+                                     "more than the cores only contend); 0: cores - 1, at least 1, at most 4")
     max_in_flight: int = Field(
         default=512, ge=1,
         description="consumed but unacknowledged records; above it fetching pauses (back-pressure)")
@@ -203,6 +212,13 @@ class WorkerSettings(BaseSettings):
         if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
             raise ValueError("kafka_ssl_certfile and kafka_ssl_keyfile go together (mutual TLS)")
         return self
+
+    def decode_slots(self) -> int:
+        """``decode_concurrency``, with 0 resolved from the CPUs this process may use."""
+        if self.decode_concurrency:
+            return self.decode_concurrency
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return min(4, max(1, cpus - 1))
 
     def output_topics(self) -> tuple[str, str, str, str]:
         return self.decisions_topic, self.flagged_topic, self.review_topic, self.dead_letter_topic

@@ -122,7 +122,8 @@ class Worker:
             dead_letter_max_value_bytes=s.dead_letter_max_value_bytes, on_fatal=self._fail,
             device_jpeg=getattr(self.encoder, "device_jpeg", None) if s.gpu_decode else None)
         self.stages = BatchStages(self.pipeline, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
-                                  prepare_workers=s.prepare_workers, adaptive=s.adaptive_batching,
+                                  prepare_workers=s.prepare_workers, decode_slots=s.decode_slots(),
+                                  adaptive=s.adaptive_batching,
                                   on_fatal=self._fail)
         info = getattr(self.encoder, "runtime_info", dict)()
         metrics.MODEL_INFO.info({"architecture": self.model_dir.manifest.architecture,

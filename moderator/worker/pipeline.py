@@ -23,6 +23,7 @@ dead letter; nothing here raises out of ``prepare``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -73,6 +74,7 @@ class Prepared:
     embedding: np.ndarray | None = None
     cached: bool = False
     stale: bool = False
+    done: bool = False  # prepared (or failed): ready for finish
     published: bool = False
     timings: dict = field(default_factory=dict)
 
@@ -161,31 +163,56 @@ class Pipeline:
     # -- prepare (pool threads) ------------------------------------------------------------------
 
     def prepare(self, item: WorkItem) -> Prepared:
+        """All of prepare in the calling thread (``BatchStages`` runs the same steps on two pools)."""
+        p = self.parse(item)
+        if p.done or p.event.url is None:
+            return p if p.done else self.image(p, p.event.data)
+        data = self.fetch(p)
+        return p if p.done else self.image(p, data)
+
+    # The three steps. Each records a failure on the Prepared (never raises) and sets ``done``
+    # when nothing is left to do for the record before ``finish``.
+
+    def parse(self, item: WorkItem) -> Prepared:
         p = Prepared(item)
         wait = time.monotonic() - item.consumed_mono
         self.stats.took("queue_wait", wait)
         p.timings["queue_wait"] = _ms(wait)
         if not self.tracker.is_live(item.tp, item.epoch):
-            p.stale = True
+            p.stale = p.done = True
             return p
-        try:
+        with self._guard(p):
             t0 = time.perf_counter()
             ev = parse_record(item.source.value, item.source.key, item.headers, self.event_limits)
             p.event, p.event_id = ev, ev.id
             metrics.EVENTS_PARSED.labels(envelope=ev.envelope).inc()
             self.stats.took("parse", time.perf_counter() - t0)
-            data = ev.data if ev.url is None else self._fetch(ev.url, p)
-            if data and self._cached(data, p):
-                return p
-            self._decode(data or b"", p)
+        return p
+
+    def fetch(self, p: Prepared) -> bytes | None:
+        with self._guard(p):
+            return self._fetch(p.event.url, p)
+        return None
+
+    def image(self, p: Prepared, data: bytes | None) -> Prepared:
+        with self._guard(p):
+            if not (data and self._cached(data, p)):
+                self._decode(data or b"", p)
+        p.done = True
+        return p
+
+    @contextlib.contextmanager
+    def _guard(self, p: Prepared):
+        try:
+            yield
         except ModeratorError as e:
-            p.error = e
+            p.error, p.done = e, True
             p.event_id = p.event_id or getattr(e, "event_id", None)
         except Exception as e:  # never let one input take the worker down
+            item = p.item
             log.exception("unexpected error preparing %s/%s@%s", item.tp.topic, item.tp.partition,
                           item.source.offset)
-            p.error = ModeratorError(f"unexpected {type(e).__name__}: {e}", reason="internal_error")
-        return p
+            p.error, p.done = ModeratorError(f"unexpected {type(e).__name__}: {e}", reason="internal_error"), True
 
     def _fetch(self, url: str, p: Prepared) -> bytes:
         t0 = time.perf_counter()
@@ -349,14 +376,17 @@ class BatchStages:
     """The threads around a ``Pipeline``: batcher -> dispatch (pool) -> encode."""
 
     def __init__(self, pipeline: Pipeline, *, max_batch: int, max_wait_ms: int, prepare_workers: int,
-                 adaptive: bool, on_fatal: Callable[[BaseException], None]) -> None:
+                 decode_slots: int, adaptive: bool, on_fatal: Callable[[BaseException], None]) -> None:
         self.pipeline = pipeline
         self._in_pipeline = 0  # batches dispatched and not finished
         self._count_lock = threading.Lock()
         self.batcher: MicroBatcher[WorkItem] = MicroBatcher(
             max_batch, max_wait_ms, idle=(lambda: self._in_pipeline == 0) if adaptive else None)
         self._ready: queue.Queue = queue.Queue(maxsize=2)
-        self._pool = ThreadPoolExecutor(prepare_workers, thread_name_prefix="prepare")
+        # CPU work (parse, hash, decode, preprocess) runs on `decode_slots` threads: more than the
+        # cores only contend for them and the GIL. URL fetches wait on the network on their own pool.
+        self._pool = ThreadPoolExecutor(max(1, decode_slots), thread_name_prefix="prepare")
+        self._fetch_pool = ThreadPoolExecutor(max(1, prepare_workers), thread_name_prefix="fetch")
         self._on_fatal = on_fatal
         self.threads = [threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True),
                         threading.Thread(target=self._encode_loop, name="encode", daemon=True)]
@@ -380,6 +410,35 @@ class BatchStages:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, item: WorkItem) -> Future:
+        """parse (CPU pool) -> fetch a URL (fetch pool) -> hash, cache, decode (CPU pool)."""
+        pipe, done = self.pipeline, Future()
+
+        def first() -> None:
+            p = pipe.parse(item)
+            if p.done or p.event.url is None:
+                done.set_result(p if p.done else pipe.image(p, p.event.data))
+            else:
+                self._fetch_pool.submit(_safe, fetched, p)
+
+        def fetched(p: Prepared) -> None:
+            data = pipe.fetch(p)
+            if p.done:
+                done.set_result(p)
+            else:
+                self._pool.submit(_safe, lambda: done.set_result(pipe.image(p, data)))
+
+        def _safe(fn, *args) -> None:
+            try:
+                fn(*args)
+            except BaseException as e:  # the steps never raise; if one did, the batch must not hang
+                if not done.done():
+                    done.set_exception(e)
+
+        self._pool.submit(_safe, first)
+        return done
 
     def _dispatch_loop(self) -> None:
         try:
@@ -392,7 +451,7 @@ class BatchStages:
                 with self._count_lock:
                     self._in_pipeline += 1
                 metrics.BATCH_SIZE.observe(len(batch))
-                futures = [self._pool.submit(self.pipeline.prepare, item) for item in batch]
+                futures = [self._submit(item) for item in batch]
                 self._ready.put(futures)
         except Exception as e:  # a bug here would stall everything: stop loudly instead
             log.exception("dispatch loop failed")
@@ -406,7 +465,7 @@ class BatchStages:
                 futures: list[Future] | None = self._ready.get()
                 if futures is None:
                     break
-                prepared = [f.result() for f in futures]  # prepare never raises
+                prepared = [f.result() for f in futures]  # the steps never raise (a bug would: stop loudly)
                 try:
                     self.pipeline.finish(prepared)
                 except Exception as e:
