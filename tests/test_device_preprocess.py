@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from moderator.worker.bench import gradient_photo
+
 from moderator.decode import DecodeLimits, JpegProbe, decode_image, probe_jpeg
 from moderator.encode import ImageEncoder, ModelDirectory
 from moderator.encode.preprocess import ImagePreprocessor
@@ -43,17 +45,7 @@ FRACTION_DIFFERENT = 0.01
 COSINE_MIN = 0.9999
 
 
-def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
-    """Smooth gradients, flat discs and a little noise: compresses like a photo."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([127 + 100 * np.sin(x / 37 + seed), 127 + 100 * np.cos(y / 23),
-                    127 + 80 * np.sin((x + y) / 51)], -1)
-    for _ in range(12):
-        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(5, max(6, min(w, h) // 4))
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 255, 3)
-    img += rng.normal(0, 4, img.shape)
-    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+_photo = gradient_photo  # one generator for the tests and the GPU self-check
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:

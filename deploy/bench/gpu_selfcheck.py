@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moderator.worker.bench import gradient_photo
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # pass criteria (raw numbers are printed for a human to judge as well)
@@ -48,17 +50,7 @@ COSINE_MIN = {"fp32": 0.9999, "fp16": 0.999}
 GRAPH_VS_EAGER_COSINE_MIN = 0.99999
 
 
-def photo(w: int, h: int, seed: int = 0) -> Image.Image:
-    """Smooth gradients, flat discs and a little noise: compresses like a photo."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([127 + 100 * np.sin(x / 37 + seed), 127 + 100 * np.cos(y / 23),
-                    127 + 80 * np.sin((x + y) / 51)], -1)
-    for _ in range(12):
-        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(5, max(6, min(w, h) // 4))
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 255, 3)
-    img += rng.normal(0, 4, img.shape)
-    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+photo = gradient_photo  # one generator for the tests and the GPU self-check
 
 
 def jpeg(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:

@@ -67,6 +67,35 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK (with Pillow's profile-less conversion), L, P, YCbCr, F, 1
 
 
+def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """The checks every path applies before a pixel is decoded: empty, byte cap, a format
+    sniffed from the bytes and allowed, a size, the pixel cap (decompression bombs). Pillow's
+    ``open`` only reads the header. Call with DecompressionBombWarning turned into an error."""
+    if not data:
+        raise EmptyImage("zero bytes")
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"{len(data)} bytes exceeds the {limits.max_bytes} byte cap")
+    try:
+        img = Image.open(io.BytesIO(data), formats=_open_formats(limits.formats))
+    except UnidentifiedImageError as e:
+        raise NotAnImage("bytes are not a recognised image format") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecompressionBomb(str(e)) from e
+    except Exception as e:  # malformed headers raise many types
+        if isinstance(e, OSError) and "truncat" in str(e).lower():
+            raise TruncatedImage(f"image header is truncated: {e}") from e
+        raise NotAnImage(f"unreadable image header: {type(e).__name__}: {e}") from e
+    fmt = img.format or "unknown"
+    if fmt not in limits.formats:
+        raise UnsupportedFormat(f"format {fmt} is not allowed (allowed: {sorted(limits.formats)})")
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise NotAnImage(f"image has no pixels ({w}x{h})")
+    if w * h > limits.max_pixels:
+        raise DecompressionBomb(f"{w}x{h} = {w * h} pixels exceeds the {limits.max_pixels} pixel cap")
+    return img
+
+
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), *, sha256: str | None = None,
                  draft: tuple[int, int] | None = None) -> DecodedImage:
     """Decode untrusted bytes. ``sha256``: the caller's digest of ``data`` (hashed here if not
@@ -74,31 +103,12 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), *, sha256: 
     smallest (width, height) the caller will use; a JPEG at least twice that size on both
     sides is then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``),
     never below ``draft``. ``original_size`` always reports the full size."""
-    if not data:
-        raise EmptyImage("zero bytes")
-    if len(data) > limits.max_bytes:
-        raise PayloadTooLarge(f"{len(data)} bytes exceeds the {limits.max_bytes} byte cap")
-    digest = sha256 or hashlib.sha256(data).hexdigest()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=_open_formats(limits.formats))
-        except UnidentifiedImageError as e:
-            raise NotAnImage("bytes are not a recognised image format") from e
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise DecompressionBomb(str(e)) from e
-        except Exception as e:  # malformed headers raise many types
-            if isinstance(e, OSError) and "truncat" in str(e).lower():
-                raise TruncatedImage(f"image header is truncated: {e}") from e
-            raise NotAnImage(f"unreadable image header: {type(e).__name__}: {e}") from e
+        img = _open_checked(data, limits)
+        digest = sha256 or hashlib.sha256(data).hexdigest()
         fmt = img.format or "unknown"
-        if fmt not in limits.formats:
-            raise UnsupportedFormat(f"format {fmt} is not allowed (allowed: {sorted(limits.formats)})")
         w, h = img.size
-        if w <= 0 or h <= 0:
-            raise NotAnImage(f"image has no pixels ({w}x{h})")
-        if w * h > limits.max_pixels:
-            raise DecompressionBomb(f"{w}x{h} = {w * h} pixels exceeds the {limits.max_pixels} pixel cap")
         frames = int(getattr(img, "n_frames", 1) or 1)
         mode = img.mode
         try:
@@ -173,32 +183,12 @@ def probe_jpeg(data: bytes, limits: DecodeLimits = DecodeLimits(), *,
     detail that Pillow cannot read). ``sha256``: the caller's digest of ``data``, carried
     in the probe for convenience; not computed here (the worker hashes once).
 
-    Keep the checks in step with ``decode_image`` (tests compare the two on hostile inputs).
+    The checks are ``decode_image``'s own (``_open_checked``); tests compare the two on hostile inputs.
     """
-    if not data:
-        raise EmptyImage("zero bytes")
-    if len(data) > limits.max_bytes:
-        raise PayloadTooLarge(f"{len(data)} bytes exceeds the {limits.max_bytes} byte cap")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=_open_formats(limits.formats))
-        except UnidentifiedImageError as e:
-            raise NotAnImage("bytes are not a recognised image format") from e
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise DecompressionBomb(str(e)) from e
-        except Exception as e:  # malformed headers raise many types
-            if isinstance(e, OSError) and "truncat" in str(e).lower():
-                raise TruncatedImage(f"image header is truncated: {e}") from e
-            raise NotAnImage(f"unreadable image header: {type(e).__name__}: {e}") from e
+        img = _open_checked(data, limits)
         fmt = img.format or "unknown"
-        if fmt not in limits.formats:
-            raise UnsupportedFormat(f"format {fmt} is not allowed (allowed: {sorted(limits.formats)})")
-        w, h = img.size
-        if w <= 0 or h <= 0:
-            raise NotAnImage(f"image has no pixels ({w}x{h})")
-        if w * h > limits.max_pixels:
-            raise DecompressionBomb(f"{w}x{h} = {w * h} pixels exceeds the {limits.max_pixels} pixel cap")
         if fmt not in ("JPEG", "MPO") or img.mode not in ("RGB", "L"):
             return None
         sof = _jpeg_frame_header(data)
@@ -216,7 +206,7 @@ def probe_jpeg(data: bytes, limits: DecodeLimits = DecodeLimits(), *,
             frames = int(getattr(img, "n_frames", 1) or 1)
         except Exception:  # odd EXIF/MPO data: the CPU path decides what it is
             return None
-    return JpegProbe(sha256=sha256, format=fmt, size=(w, h),
+    return JpegProbe(sha256=sha256, format=fmt, size=img.size,
                      mode=img.mode, orientation=orientation if 1 <= orientation <= 8 else 1,
                      progressive=marker == 0xC2, frames=frames)
 

@@ -63,6 +63,22 @@ def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: 
     return buf.getvalue(), f"{sample.colour} {sample.shape}"
 
 
+def gradient_photo(w: int, h: int, seed: int = 0):
+    """Smooth gradients, flat discs and a little noise: compresses like a photo (a PIL image).
+    The parity checks of the device JPEG path use it (tests, deploy/bench/gpu_selfcheck.py)."""
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([127 + 100 * np.sin(x / 37 + seed), 127 + 100 * np.cos(y / 23),
+                    127 + 80 * np.sin((x + y) / 51)], -1)
+    for _ in range(12):
+        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(5, max(6, min(w, h) // 4))
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 255, 3)
+    img += rng.normal(0, 4, img.shape)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
 def bench_events(n: int, image: str, size: tuple[int, int], seed: int, id_prefix: str, unique: int = 256):
     """``n`` OutgoingEvents: synthetic PNGs (``png``) or photo-like JPEGs (``jpeg``), cycling
     through at most ``unique`` distinct images (the bench runs without the image cache)."""
