@@ -297,3 +297,14 @@ def test_adaptive_batch_goes_at_once_when_downstream_is_idle_and_fills_when_busy
     t0 = time.monotonic()
     assert b.get_batch(timeout=10) == [4, 5]
     assert 0.25 < time.monotonic() - t0 < 5.0
+
+
+def test_decode_concurrency_follows_the_cpus_unless_set(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(2)), raising=False)
+    assert WorkerSettings().decode_slots() == 1  # 2 cores: one for decode, one for Kafka and the encoder
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert WorkerSettings().decode_slots() == 4  # GIL-bound work gains nothing past a few threads
+    assert WorkerSettings(decode_concurrency=6).decode_slots() == 6
+    assert WorkerSettings().metadata_max_age_ms == 10_000
