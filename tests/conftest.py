@@ -81,8 +81,19 @@ def kafka_admin(kafka_bootstrap: str):
 TopicFactory = Callable[..., str]
 
 
+@pytest.fixture(scope="session")
+def _metadata_consumer(kafka_bootstrap: str):
+    """A plain consumer for metadata look-ups only."""
+    from kafka import KafkaConsumer
+
+    client = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False,
+                           client_id="moderator-tests-metadata")
+    yield client
+    client.close()
+
+
 @pytest.fixture
-def topic_factory(kafka_admin, request: pytest.FixtureRequest) -> Iterator[TopicFactory]:
+def topic_factory(kafka_admin, _metadata_consumer, request: pytest.FixtureRequest) -> Iterator[TopicFactory]:
     """``make(partitions=1, *, suffix="", configs=None) -> name``: create a fresh topic.
 
     Names embed the test name plus a random part, so tests can share one broker
@@ -99,6 +110,17 @@ def topic_factory(kafka_admin, request: pytest.FixtureRequest) -> Iterator[Topic
             wait_for_metadata=True,
         )
         created.append(name)
+        # The admin client can see leaders a moment before a client's metadata request lists
+        # every partition; a consumer group that forms in that moment is assigned nothing and
+        # kafka-python did not rejoin within the tests' timeouts. Wait until a plain client sees
+        # all partitions.
+        deadline = _time.monotonic() + 30
+        while True:
+            _metadata_consumer.topics()  # always a fresh metadata request
+            if len(_metadata_consumer.partitions_for_topic(name) or ()) >= partitions:
+                break
+            assert _time.monotonic() < deadline, f"topic {name}: partitions not in metadata after 30 s"
+            _time.sleep(0.1)
         return name
 
     yield make

@@ -109,9 +109,9 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), *, sha256: 
         digest = sha256 or hashlib.sha256(data).hexdigest()
         fmt = img.format or "unknown"
         w, h = img.size
-        frames = int(getattr(img, "n_frames", 1) or 1)
         mode = img.mode
         try:
+            frames = int(getattr(img, "n_frames", 1) or 1)  # walks every frame's header: can fail too
             img.seek(0)
             if draft is not None and fmt in ("JPEG", "MPO") and w >= 2 * draft[0] and h >= 2 * draft[1]:
                 img.draft("RGB" if mode in ("RGB", "YCbCr") else None, draft)
@@ -126,7 +126,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), *, sha256: 
             if "truncated" in msg.lower() or "broken data stream" in msg.lower() or "premature" in msg.lower():
                 raise TruncatedImage(msg) from e
             raise ImageDecodeError(f"cannot decode {fmt}: {msg}") from e
-        except (ValueError, SyntaxError, IndexError, EOFError, ZeroDivisionError, MemoryError) as e:
+        except (ValueError, SyntaxError, IndexError, EOFError, ZeroDivisionError, MemoryError, TypeError,
+                KeyError) as e:
             raise ImageDecodeError(f"cannot decode {fmt}: {type(e).__name__}: {e}") from e
     return DecodedImage(rgb, digest, fmt, (w, h), mode, frames)
 

@@ -7,13 +7,18 @@ call blocking consumer APIs (``commit`` would deadlock); ``commit_async`` is saf
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable, Iterable
 
 from kafka import KafkaConsumer
+from kafka.errors import KafkaError
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import TopicPartition
 
 from moderator.config import WorkerSettings
+
+log = logging.getLogger(__name__)
 
 PartitionsHook = Callable[[set[TopicPartition]], None]
 
@@ -57,5 +62,28 @@ def make_consumer(settings: WorkerSettings) -> KafkaConsumer:
     )
 
 
-def subscribe(consumer: KafkaConsumer, topic: str, hooks: RebalanceHooks) -> None:
+def subscribe(consumer: KafkaConsumer, topic: str, hooks: RebalanceHooks, *, wait_s: float = 30.0) -> None:
+    """Join the group for ``topic`` once this client's metadata lists the topic's partitions.
+
+    When the group's first assignment is computed before the first metadata response for
+    the topic has arrived, the member is assigned nothing ("No partition metadata for
+    topic") and kafka-python did not reliably rejoin afterwards (a worker idle for minutes,
+    seen in the end-to-end tests). One metadata request first closes that window. The
+    consumer was just built, so the broker answered a moment ago; a topic that still has
+    no partitions after ``wait_s`` is logged and subscribed to anyway.
+    """
+    deadline = time.monotonic() + wait_s
+    partitions: set = set()
+    while True:
+        try:
+            consumer.topics()  # a fresh metadata request
+            partitions = consumer.partitions_for_topic(topic) or set()
+        except KafkaError as e:
+            log.debug("metadata for %s not available yet: %s", topic, e)
+        if partitions or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if not partitions:
+        log.warning("input topic %s has no partitions after %.0f s; subscribing anyway", topic, wait_s,
+                    extra={"event": "topic_without_partitions", "topic": topic})
     consumer.subscribe([topic], listener=hooks)

@@ -144,7 +144,8 @@ class Worker:
         # prompts are embedded once per policy version and cached.
         compile_fn = PolicyCompiler(
             self.model_dir, prompt_cache,
-            lambda: TextEncoder(self.model_dir, options=OrtOptions(intra_op_threads=s.ort_threads)))
+            lambda: TextEncoder(self.model_dir, options=OrtOptions(providers=("CPUExecutionProvider",),
+                                                                   intra_op_threads=s.ort_threads)))
         engine = compile_fn.engine(load_policy(s.policy))
         watcher = (PolicyWatcher(s.policy, engine, compile_fn, s.policy_reload_interval_s)
                    if s.policy_reload_interval_s > 0 else None)
@@ -165,7 +166,8 @@ class Worker:
         return self.ops.port if self.ops else None
 
     def _health(self) -> tuple[bool, dict]:
-        dead = [t.name for t in self.stages.threads if not t.is_alive()] if not self._stop.is_set() else []
+        dead = ([t.name for t in self.stages.threads if t.ident is not None and not t.is_alive()]
+                if not self._stop.is_set() else [])
         ok = self._fatal is None and not dead
         return ok, {"fatal": repr(self._fatal) if self._fatal else None, "dead_threads": dead}
 
@@ -196,7 +198,8 @@ class Worker:
             except Exception as e:
                 log.exception("consumer loop failed")
                 self._fail(e)
-            self._drain()
+            finally:  # KeyboardInterrupt in an embedding process drains too
+                self._drain()
         log.info("stopped", extra={"event": "stopped", **{
             k: v for k, v in self.stats.snapshot().items() if not k.endswith("_at") and k != "stage_seconds"}})
         return 1 if self._fatal is not None else 0

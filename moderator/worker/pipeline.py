@@ -29,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -90,7 +90,7 @@ class Publisher(Protocol):
 
 
 # Stages whose time the benchmark reports per event (seconds summed over events).
-STAGES = ("queue_wait", "parse", "fetch", "hash_cache", "decode", "gpu_decode", "encode", "score", "publish")
+STAGES = ("queue_wait", "parse", "fetch", "hash_cache", "decode", "gpu_decode", "encode", "score", "publish_call")
 
 
 @dataclass
@@ -113,11 +113,13 @@ class WorkerStats:
             for k, v in counts.items():
                 setattr(self, k, getattr(self, k) + v)
 
-    def took(self, stage: str, seconds: float, n: int = 1) -> None:
-        """``seconds`` spent in ``stage`` for ``n`` records (a batch's share counted once per batch)."""
-        hist, share = metrics.STAGE_SECONDS.labels(stage=stage), seconds / max(n, 1)
-        for _ in range(max(n, 1)):  # a per-record histogram: one observation per record
-            hist.observe(share)
+    def took(self, stage: str, seconds: float, n: int = 1, *, observe: bool = True) -> None:
+        """``seconds`` spent in ``stage`` for ``n`` records (a batch's share counted once per batch);
+        ``observe``: also into ``moderator_stage_seconds`` (per record)."""
+        if observe:
+            hist, share = metrics.STAGE_SECONDS.labels(stage=stage), seconds / max(n, 1)
+            for _ in range(max(n, 1)):  # a per-record histogram: one observation per record
+                hist.observe(share)
         with self._lock:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
@@ -195,9 +197,19 @@ class Pipeline:
         return None
 
     def image(self, p: Prepared, data: bytes | None) -> Prepared:
+        """lookup, then decode if the cache did not have it."""
+        self.lookup(p, data)
+        return p if p.done else self.decode(p, data)
+
+    def lookup(self, p: Prepared, data: bytes | None) -> None:
+        """Hash once; a cached embedding for this model makes the record done."""
         with self._guard(p):
-            if not (data and self._cached(data, p)):
-                self._decode(data or b"", p)
+            if data and self._cached(data, p):
+                p.done = True
+
+    def decode(self, p: Prepared, data: bytes | None) -> Prepared:
+        with self._guard(p):
+            self._decode(data or b"", p)
         p.done = True
         return p
 
@@ -292,7 +304,8 @@ class Pipeline:
                 hits += p.cached
                 self.publisher.publish_decision(d, self._acked_cb(p), self._failed_cb)
                 p.published = True
-            self.stats.took("publish", time.perf_counter() - t0, len(good))
+            # handing records to the producer; the broker's ack time is the "publish" stage metric
+            self.stats.took("publish_call", time.perf_counter() - t0, len(good), observe=False)
             self.stats.add(decisions=len(good), cache_hits=hits)
         for p in live:
             if p.error is not None:
@@ -312,6 +325,9 @@ class Pipeline:
                     p.pixels = self.preprocessor.to_array(decoded.image)
                 except ModeratorError as e:
                     p.error = e
+                except Exception as e:  # one odd image must not fail its whole batch
+                    log.exception("unexpected error decoding %s on the CPU fallback", p.event_id)
+                    p.error = ModeratorError(f"unexpected {type(e).__name__}: {e}", reason="internal_error")
             else:
                 ok.append(p)
         dt = time.perf_counter() - t0
@@ -347,9 +363,11 @@ class Pipeline:
     def fail_batch(self, prepared: list[Prepared], err: Exception) -> None:
         """The encoder or the policy failed after preparation: the batch's inputs become dead letters."""
         for p in prepared:
-            if not p.stale and not p.published:
+            if p.stale or p.published or not self.tracker.is_live(p.item.tp, p.item.epoch):
+                continue  # revoked meanwhile: the new owner decides it
+            if p.error is None:  # a record that already failed keeps its own reason
                 p.error = ModeratorError(f"batch failed: {type(err).__name__}: {err}", reason="internal_error")
-                self.publish_dead_letter(p)
+            self.publish_dead_letter(p)
 
     def _acked_cb(self, p: Prepared):
         def acked() -> None:
@@ -379,6 +397,7 @@ class BatchStages:
                  decode_slots: int, adaptive: bool, on_fatal: Callable[[BaseException], None]) -> None:
         self.pipeline = pipeline
         self._in_pipeline = 0  # batches dispatched and not finished
+        self._pending: set[Future] = set()  # records handed to the pools, not prepared yet
         self._count_lock = threading.Lock()
         self.batcher: MicroBatcher[WorkItem] = MicroBatcher(
             max_batch, max_wait_ms, idle=(lambda: self._in_pipeline == 0) if adaptive else None)
@@ -411,24 +430,36 @@ class BatchStages:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        with self._count_lock:  # steps cancelled with their pools: nobody waits forever on these
+            pending, self._pending = self._pending, set()
+        for f in pending:
+            if not f.done():
+                f.set_exception(CancelledError())
 
     def _submit(self, item: WorkItem) -> Future:
         """parse (CPU pool) -> fetch a URL (fetch pool) -> hash, cache, decode (CPU pool)."""
         pipe, done = self.pipeline, Future()
+        with self._count_lock:
+            self._pending.add(done)
+        done.add_done_callback(self._forget)
 
         def first() -> None:
             p = pipe.parse(item)
-            if p.done or p.event.url is None:
-                done.set_result(p if p.done else pipe.image(p, p.event.data))
-            else:
+            if p.done:
+                done.set_result(p)
+            elif p.event.url is None and pipe.embedding_cache is None:
+                done.set_result(pipe.image(p, p.event.data))  # nothing to wait on: all here
+            else:  # a URL, or a cache lookup: network round trips wait on the fetch pool
                 self._fetch_pool.submit(_safe, fetched, p)
 
         def fetched(p: Prepared) -> None:
-            data = pipe.fetch(p)
+            data = p.event.data if p.event.url is None else pipe.fetch(p)
+            if not p.done:
+                pipe.lookup(p, data)
             if p.done:
                 done.set_result(p)
             else:
-                self._pool.submit(_safe, lambda: done.set_result(pipe.image(p, data)))
+                self._pool.submit(_safe, lambda: done.set_result(pipe.decode(p, data)))
 
         def _safe(fn, *args) -> None:
             try:
@@ -439,6 +470,10 @@ class BatchStages:
 
         self._pool.submit(_safe, first)
         return done
+
+    def _forget(self, f: Future) -> None:
+        with self._count_lock:
+            self._pending.discard(f)
 
     def _dispatch_loop(self) -> None:
         try:
