@@ -2,23 +2,25 @@
 
 ``Pipeline`` is what happens to records, with no threads of its own:
 
-- ``prepare(item)`` (pool threads, one record each): parse the envelope, fetch a
-  URL, hash the bytes **once** (the image-embedding cache key and the decision's
-  ``image_sha256``), look the embedding up, else decode (JPEG ``draft`` when the
-  image is at least twice the model input) and preprocess to the model's pixels.
-  With GPU decode on, an eligible JPEG skips the CPU decode and keeps its bytes.
+- prepare, one record at a time: ``parse`` the envelope (CPU pool); ``fetch`` a URL
+  and ``lookup`` the embedding (fetch pool: both wait on the network), hashing the
+  bytes **once** (the cache key and the decision's ``image_sha256``); else ``decode``
+  (CPU pool; JPEG ``draft`` when the image is at least twice the model input) and
+  preprocess to the model's pixels. With GPU decode on, an eligible JPEG skips the
+  CPU decode and keeps its bytes.
 - ``finish(prepared)`` (the encode thread, one batch): GPU-decode the kept JPEGs,
   encode the misses in one call, store them in the cache, decide, publish.
   Decisions and dead letters leave in consumption order within a batch.
 
 ``BatchStages`` runs it: a ``MicroBatcher`` (adaptive: a batch goes at once when
-nothing is downstream), a *dispatch* thread that submits each closed batch's
-records to a bounded pool, and an *encode* thread. At most two batches wait for
-the encoder, so decoding the next batch overlaps encoding this one and a slow
-encoder stalls the batcher (then the consumer pauses), never memory.
+nothing is downstream), a *dispatch* thread that hands each closed batch's records
+to two bounded pools (CPU work on cores - 1 threads, network waits on more), and
+an *encode* thread. At most two batches wait for the encoder, so decoding the
+next batch overlaps encoding this one and a slow encoder stalls the batcher (then
+the consumer pauses), never memory.
 
 Every failure of one input is a ``ModeratorError`` with a reason, and becomes a
-dead letter; nothing here raises out of ``prepare``.
+dead letter; no prepare step raises.
 """
 
 from __future__ import annotations
@@ -164,16 +166,9 @@ class Pipeline:
 
     # -- prepare (pool threads) ------------------------------------------------------------------
 
-    def prepare(self, item: WorkItem) -> Prepared:
-        """All of prepare in the calling thread (``BatchStages`` runs the same steps on two pools)."""
-        p = self.parse(item)
-        if p.done or p.event.url is None:
-            return p if p.done else self.image(p, p.event.data)
-        data = self.fetch(p)
-        return p if p.done else self.image(p, data)
-
-    # The three steps. Each records a failure on the Prepared (never raises) and sets ``done``
-    # when nothing is left to do for the record before ``finish``.
+    # The steps of prepare (``BatchStages._submit`` runs them on its two pools). Each records a
+    # failure on the Prepared (never raises) and sets ``done`` when nothing is left to do for the
+    # record before ``finish``.
 
     def parse(self, item: WorkItem) -> Prepared:
         p = Prepared(item)
