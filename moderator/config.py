@@ -96,10 +96,6 @@ class WorkerSettings(BaseSettings):
         description="group session timeout: how soon a crashed replica's partitions move")
     heartbeat_interval_ms: int = Field(default=2_000, ge=100, description="group heartbeat interval")
     max_poll_interval_ms: int = Field(default=300_000, ge=1000, description="max time between polls")
-    metadata_max_age_ms: int = Field(
-        default=10_000, ge=1000,
-        description="how often the consumer refreshes topic metadata: new partitions, or a topic whose "
-                    "metadata the broker did not have yet when the group formed, are picked up this soon")
     poll_max_records: int = Field(default=256, ge=1, description="records taken per poll")
     commit_interval_ms: int = Field(default=500, ge=10, description="how often acknowledged offsets commit")
     delivery_timeout_ms: int = Field(

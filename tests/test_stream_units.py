@@ -307,4 +307,3 @@ def test_decode_concurrency_follows_the_cpus_unless_set(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
     assert WorkerSettings().decode_slots() == 4  # GIL-bound work gains nothing past a few threads
     assert WorkerSettings(decode_concurrency=6).decode_slots() == 6
-    assert WorkerSettings().metadata_max_age_ms == 10_000
