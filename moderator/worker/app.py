@@ -7,8 +7,8 @@ consumer, pipeline threads), consume, drain, close. The parts:
   ``OffsetTracker``, feeds the pipeline, pauses fetching when too much is in
   flight (back-pressure instead of memory growth) and lets the
   ``OffsetCommitter`` commit acknowledged offsets (``worker/commits.py``).
-- **pipeline** (``worker/pipeline.py``): batcher -> dispatch -> prepare pool ->
-  encode thread: parse, fetch, hash, cache, decode, encode, decide, publish.
+- **pipeline** (``worker/pipeline.py``): batcher -> dispatch -> prepare pools
+  (CPU work, network waits) -> encode thread: parse, fetch, hash, cache, decode, encode, decide, publish.
 - kafka-python's own IO threads: the producer acknowledges records (-> the
   tracker marks an input done once *all* its records are acked) and the consumer
   runs the group protocol (-> the committer's rebalance hooks).
@@ -94,6 +94,7 @@ class Worker:
                                          revoke_wait_ms=s.revoke_wait_ms)
         self.ready_event = self.committer.assigned_once
         self._stop = threading.Event()
+        self._deadline: float | None = None  # set when draining starts (shutdown_grace_s)
         self._fatal: BaseException | None = None
         self._consumer = None
         self._publisher: DecisionPublisher | None = None
@@ -120,7 +121,7 @@ class Worker:
             event_limits=event_limits(s), decode_limits=decode_limits(s), embedding_cache=self.embedding_cache,
             jpeg_draft=s.jpeg_draft, client_id=s.client_id,
             dead_letter_max_value_bytes=s.dead_letter_max_value_bytes, on_fatal=self._fail,
-            device_jpeg=getattr(self.encoder, "device_jpeg", None) if s.gpu_decode else None)
+            device_jpeg=getattr(self.encoder, "device_jpeg", None))  # set only for torch on CUDA with gpu_decode
         self.stages = BatchStages(self.pipeline, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
                                   prepare_workers=s.prepare_workers, decode_slots=s.decode_slots(),
                                   adaptive=s.adaptive_batching,
@@ -152,8 +153,8 @@ class Worker:
         return engine, watcher
 
     def _quantization(self) -> str:
-        q = getattr(self.model_dir.manifest, "quantization", None)
-        return getattr(q, "method", None) or (q.get("method") if isinstance(q, dict) else None) or "none"
+        q = self.model_dir.manifest.quantization
+        return q.method if q is not None else "none"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -292,7 +293,7 @@ class Worker:
             "left_s": round(max(0.0, deadline - time.monotonic()), 3)})
 
     def _left(self) -> float:
-        return max(0.0, getattr(self, "_deadline", time.monotonic()) - time.monotonic())
+        return 0.0 if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def _close_consumer(self) -> None:
         self.committer.commit()
