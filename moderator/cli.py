@@ -195,6 +195,7 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
             raise SystemExit(f"moderator bench-worker: --set takes SETTING=VALUE, not {kv!r}")
         overrides[key.strip().lower().removeprefix("moderator_")] = value
     r = bench_worker(a.model, a.policy, source=a.source, events=a.events, image=a.image, size=a.size,
+                     envelope=a.envelope, unique_images=a.unique_images,
                      max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
                      encoder_seconds=a.encoder_seconds, bootstrap_servers=a.bootstrap_servers, backend=a.backend,
                      latency=a.latency, latency_events=a.latency_events, seed_loop_model=a.seed_loop_model,
@@ -395,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--image", choices=("png", "jpeg"), default="png",
                     help="png: synthetic shapes; jpeg: photo-like JPEGs at quality 85")
     bw.add_argument("--size", type=_size, default=(96, 96), help="N or WxH (default: 96)")
+    bw.add_argument("--envelope", choices=("json", "cloudevents", "raw"), default="json",
+                    help="json/cloudevents: the image base64 inside; raw: the image bytes as the record value")
+    bw.add_argument("--unique-images", type=int, default=256,
+                    help="distinct images the events cycle through (drawing 1024x768 photos takes ~0.1 s each)")
     bw.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="MODERATOR_ENCODER_BACKEND")
     bw.add_argument("--max-batch", type=int, default=32)
     bw.add_argument("--max-wait-ms", type=int, default=50)

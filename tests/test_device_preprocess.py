@@ -157,29 +157,39 @@ def test_embeddings_match_the_cpu_path(random_model_dir, corpus):
 
 
 def _bad_scan(data: bytes) -> bytes:
-    """A JPEG whose header and EOI are fine but whose scan header is garbage."""
+    """A JPEG whose frame header and EOI are fine but whose scan header's length is garbage
+    (Pillow stops at it; nvJPEG decoded it on an H100, so the probe must refuse it)."""
     i = data.index(b"\xff\xda")
     return data[:i + 2] + b"\x00\x01" + data[i + 4:]
+
+
+def _bad_entropy(data: bytes) -> bytes:
+    """A JPEG whose headers and EOI are fine but with a frame marker inside its entropy-coded
+    data: the probe passes it, libjpeg (Pillow, torchvision on the CPU) stops at it."""
+    i = data.index(b"\xff\xda")
+    start = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return data[:start + 100] + b"\xff\xc0\x00\x02" + data[start + 104:]
 
 
 def test_bad_files_are_reported_not_raised(corpus, monkeypatch):
     good = [corpus["1024x768"], corpus["grayscale"], corpus["exif-6"]]
     png = io.BytesIO()
     _photo(40, 30).save(png, "PNG")
-    batch = [good[0], good[0][: len(good[0]) // 2], good[1], _bad_scan(good[1]), good[2], png.getvalue(), b""]
+    batch = [good[0], good[0][: len(good[0]) // 2], good[1], _bad_entropy(good[1]), good[2], png.getvalue(), b"",
+             _bad_scan(good[0])]
     pre = DeviceJpegPreprocessor(_cfg(), "cpu")
     calls = []
     decode_batch = pre._decode_batch
     monkeypatch.setattr(pre, "_decode_batch", lambda ts: calls.append(len(ts)) or decode_batch(ts))
     out, failed = pre(batch)
-    assert failed == [1, 3, 5, 6]
-    assert calls == [4, 1, 1, 1, 1] and pre.retried_batches == 1  # failed on the bad scan; redone one by one
+    assert failed == [1, 3, 5, 6, 7]
+    assert calls == [4, 1, 1, 1, 1] and pre.retried_batches == 1  # failed on the bad entropy data; redone one by one
     alone, _ = pre(good)
     assert torch.equal(out, alone)
     # the CPU path then decodes what only the device path could not (the PNG), and names
     # the failure of the rest
     decode_image(batch[5])
-    for i in (1, 3, 6):
+    for i in (1, 3, 6, 7):
         with pytest.raises(InputError):
             decode_image(batch[i])
     out, failed = pre([])
@@ -224,6 +234,11 @@ def _patch_sof(data: bytes, *, marker: int | None = None, size: tuple[int, int] 
     return bytes(b)
 
 
+def _patch_sof_length(data: bytes) -> bytes:
+    i = next(i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC1, 0xC2))
+    return data[:i + 2] + (int.from_bytes(data[i + 2:i + 4], "big") + 3).to_bytes(2, "big") + data[i + 4:]
+
+
 def test_probe_eligibility(corpus):
     p = probe_jpeg(corpus["1024x768"])
     assert isinstance(p, JpegProbe) and p.size == (1024, 768) and p.mode == "RGB" and not p.progressive
@@ -242,6 +257,8 @@ def test_probe_eligibility(corpus):
         "arithmetic-coded": _patch_sof(corpus["smaller-than-crop"], marker=0xC9),
         "no-eoi": corpus["smaller-than-crop"][:-2],
         "truncated": corpus["1024x768"][: len(corpus["1024x768"]) // 2],
+        "scan-header-length": _bad_scan(corpus["1024x768"]),
+        "frame-header-length": _patch_sof_length(corpus["smaller-than-crop"]),
     }
     for name, data in not_for_the_device.items():
         assert probe_jpeg(data) is None, name

@@ -219,10 +219,13 @@ _DEVICE_SOF = frozenset({0xC0, 0xC1, 0xC2})
 
 def _jpeg_frame_header(data: bytes, max_segments: int = 4096) -> tuple[int, int, int] | None:
     """(SOF marker, sample precision, component count) of the first frame, walking the
-    marker segments from SOI; ``None`` when there is none before the scan data."""
+    marker segments from SOI to the first start of scan; ``None`` when a segment runs past
+    the end of the file, the frame or scan header's length does not fit its component
+    count, or there is no frame before the scan. libjpeg stops at such a file while a device
+    decoder may decode something from it: the CPU path must name it."""
     if data[:2] != b"\xff\xd8":
         return None
-    i, n = 2, len(data)
+    i, n, sof = 2, len(data), None
     for _ in range(max_segments):
         if i + 4 > n or data[i] != 0xFF:
             return None
@@ -233,12 +236,19 @@ def _jpeg_frame_header(data: bytes, max_segments: int = 4096) -> tuple[int, int,
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
             i += 2
             continue
-        if marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header
+        if marker == 0xD9:  # EOI before any scan
             return None
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return (marker, data[i + 4], data[i + 9]) if i + 10 <= n else None
         length = int.from_bytes(data[i + 2:i + 4], "big")
-        if length < 2:
+        if length < 2 or i + 2 + length > n:
             return None
+        if marker == 0xDA:  # start of scan: its header, then entropy-coded data
+            ns = data[i + 4] if length > 2 else 0
+            return sof if sof is not None and 1 <= ns <= 4 and length == 6 + 2 * ns else None
+        if sof is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if length < 8:
+                return None
+            sof = (marker, data[i + 4], data[i + 9])
+            if length != 8 + 3 * sof[2]:
+                return None
         i += 2 + length
     return None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 
@@ -57,6 +58,22 @@ __all__ = ["Worker", "WorkerStats", "run_worker", "ort_options", "torch_options"
 
 
 # -- limit and option objects, each built from WorkerSettings only (one source per setting) ----------
+
+def gil_switch_interval_s(s: WorkerSettings, encoder_info: dict) -> float | None:
+    """The GIL switch interval the worker sets, in seconds; None leaves Python's default.
+
+    An encoder on a CUDA device gives the GIL up at every GPU call (nvJPEG, each resize, the
+    graph replay, the copy back) and, while the prepare threads parse, waits for it each
+    time until they are made to drop it: up to Python's default 5 ms, dozens of times a batch.
+    """
+    if s.gil_switch_interval_ms:
+        return s.gil_switch_interval_ms / 1000
+    device = str(encoder_info.get("device", ""))
+    providers = encoder_info.get("providers") or []
+    on_gpu = device.startswith("cuda") or any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+                                             for p in providers)
+    return 0.0005 if on_gpu else None
+
 
 def ort_options(s: WorkerSettings) -> OrtOptions:
     return OrtOptions(providers=tuple(s.ort_providers), intra_op_threads=s.ort_threads, device_id=s.gpu_device_id,
@@ -127,6 +144,9 @@ class Worker:
                                   adaptive=s.adaptive_batching,
                                   on_fatal=self._fail)
         info = getattr(self.encoder, "runtime_info", dict)()
+        interval = gil_switch_interval_s(s, info)
+        if interval is not None:
+            sys.setswitchinterval(interval)  # process-wide: one worker per process
         metrics.MODEL_INFO.info({"architecture": self.model_dir.manifest.architecture,
                                  "sha256": self.model_sha256, "precision": self.model_dir.manifest.precision,
                                  "backend": s.encoder_backend,

@@ -79,19 +79,21 @@ def gradient_photo(w: int, h: int, seed: int = 0):
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
-def bench_events(n: int, image: str, size: tuple[int, int], seed: int, id_prefix: str, unique: int = 256):
+def bench_events(n: int, image: str, size: tuple[int, int], seed: int, id_prefix: str, unique: int = 256,
+                 envelope: str = "json"):
     """``n`` OutgoingEvents: synthetic PNGs (``png``) or photo-like JPEGs (``jpeg``), cycling
-    through at most ``unique`` distinct images (the bench runs without the image cache)."""
+    through at most ``unique`` distinct images (the bench runs without the image cache), in one
+    envelope: ``json`` (base64 inside), ``cloudevents`` or ``raw`` (the image bytes as the value)."""
     from moderator.produce import OutgoingEvent, synthetic_events  # noqa: PLC0415
 
     if image == "png":
         if size[0] != size[1]:
             raise ValueError("synthetic PNGs are square: --size N or NxN")
-        return list(synthetic_events(n, seed=seed, size=size[0], id_prefix=id_prefix))
+        return list(synthetic_events(n, seed=seed, size=size[0], id_prefix=id_prefix, envelopes=(envelope,)))
     rng = np.random.default_rng([seed, 11])
     pool = [photo_like_jpeg(rng, *size) for _ in range(min(n, unique))]
     return [OutgoingEvent(id=f"{id_prefix}-{i:06d}", expect=pool[i % len(pool)][1], image=pool[i % len(pool)][0],
-                          content_type="image/jpeg") for i in range(n)]
+                          content_type="image/jpeg", envelope=envelope) for i in range(n)]
 
 
 # --- the in-memory source and sink -----------------------------------------------------------------
@@ -279,9 +281,10 @@ _PACED_PRODUCER = """
 import sys
 from moderator.produce import produce
 from moderator.worker.bench import bench_events
-servers, topic, image, size, n, rate, prefix = sys.argv[1:8]
+servers, topic, image, size, n, rate, prefix, unique, envelope = sys.argv[1:10]
 w, _, h = size.partition("x")
-produce(servers, topic, bench_events(int(n), image, (int(w), int(h)), seed=8, id_prefix=prefix), rate=float(rate))
+produce(servers, topic, bench_events(int(n), image, (int(w), int(h)), seed=8, id_prefix=prefix, unique=int(unique),
+                                     envelope=envelope), rate=float(rate))
 """
 
 
@@ -295,7 +298,8 @@ def _wait(worker, target: int, deadline: float, alive: Callable[[], bool]) -> No
 def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "kafka", events: int = 2000,
                  image: str = "png", size: tuple[int, int] = (96, 96), max_batch: int = 32, max_wait_ms: int = 50,
                  partitions: int = 3, encoder_seconds: float = 5.0, bootstrap_servers: str | None = None,
-                 backend: str = "onnx", latency: bool = False, latency_events: int | None = None,
+                 backend: str = "onnx", envelope: str = "json", unique_images: int = 256,
+                 latency: bool = False, latency_events: int | None = None,
                  seed_loop_model: Path | str | None = None, profile: Path | None = None, profile_gil: bool = False,
                  overrides: dict | None = None, timeout_s: float = 900.0, log=print) -> dict:
     from moderator.config import WorkerSettings  # noqa: PLC0415
@@ -307,10 +311,11 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
     model_dir = Path(model_dir)
     run = f"bench-{uuid.uuid4().hex[:8]}"
     log(f"drawing {events} {image} events at {size[0]}x{size[1]} ...")
-    evs = bench_events(events, image, size, seed=7, id_prefix=run)
+    evs = bench_events(events, image, size, seed=7, id_prefix=run, unique=unique_images, envelope=envelope)
     images = [e.image for e in evs[:256]]
     n_lat = latency_events or min(events, 2000)
-    lat_evs = bench_events(n_lat, image, size, seed=8, id_prefix=f"{run}-lat") if latency and source == "memory" else []
+    lat_evs = (bench_events(n_lat, image, size, seed=8, id_prefix=f"{run}-lat", unique=unique_images,
+                            envelope=envelope) if latency and source == "memory" else [])
     base = dict(model_dir=model_dir, policy=Path(policy), max_batch=max_batch, max_wait_ms=max_wait_ms,
                 http_port=0, http_host="127.0.0.1", policy_reload_interval_s=0, redis_url=None, log_json=False,
                 encoder_backend=backend, input_topic=f"{run}.images", consumer_group=run,
@@ -387,7 +392,8 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             if source == "kafka":
                 # the load generator in its own process: it must not share the worker's GIL
                 proc = subprocess.Popen([sys.executable, "-c", _PACED_PRODUCER, bootstrap_servers, f"{run}.images",
-                                         image, f"{size[0]}x{size[1]}", str(n_lat), str(target), f"{run}-lat"],
+                                         image, f"{size[0]}x{size[1]}", str(n_lat), str(target), f"{run}-lat",
+                                         str(unique_images), envelope],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 _wait(worker, acked0 + n_lat, deadline, thread.is_alive)
                 if proc.wait(60) != 0:
@@ -428,7 +434,9 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
         result["ratio_worker_to_seed_loop"] = round(rate / seed, 2)
     result.update({
         "backend": backend, "encoder": encoder_info, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-        "partitions": partitions, "image": f"{size[0]}x{size[1]} {image.upper()}, base64 in JSON",
+        "partitions": partitions, "image": f"{size[0]}x{size[1]} {image.upper()}, " + (
+            "the record value (raw envelope)" if envelope == "raw" else f"base64 in {envelope}"),
+        "unique_images": min(events, unique_images),
         "cpus": os.cpu_count(), "machine": platform.machine(),
     })
     return result
