@@ -165,7 +165,7 @@ def _bad_scan(data: bytes) -> bytes:
 
 def _bad_entropy(data: bytes) -> bytes:
     """A JPEG whose headers and EOI are fine but with a frame marker inside its entropy-coded
-    data: the probe passes it, libjpeg (Pillow, torchvision on the CPU) stops at it."""
+    data: libjpeg (Pillow, torchvision on the CPU) stops at it, nvJPEG decoded it on an H100."""
     i = data.index(b"\xff\xda")
     start = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return data[:start + 100] + b"\xff\xc0\x00\x02" + data[start + 104:]
@@ -178,16 +178,27 @@ def test_bad_files_are_reported_not_raised(corpus, monkeypatch):
     batch = [good[0], good[0][: len(good[0]) // 2], good[1], _bad_entropy(good[1]), good[2], png.getvalue(), b"",
              _bad_scan(good[0])]
     pre = DeviceJpegPreprocessor(_cfg(), "cpu")
+    # the probe keeps 1, 3, 5, 6, 7 off the device; the decoder then refuses the greyscale
+    # file (as a device decoder may): one bad file fails the whole batched call
     calls = []
     decode_batch = pre._decode_batch
-    monkeypatch.setattr(pre, "_decode_batch", lambda ts: calls.append(len(ts)) or decode_batch(ts))
+
+    def refusing(ts):
+        calls.append(len(ts))
+        if any(t.numel() == len(good[1]) for t in ts):
+            raise RuntimeError("the decoder refused a file")
+        return decode_batch(ts)
+
+    monkeypatch.setattr(pre, "_decode_batch", refusing)
     out, failed = pre(batch)
-    assert failed == [1, 3, 5, 6, 7]
-    assert calls == [4, 1, 1, 1, 1] and pre.retried_batches == 1  # failed on the bad entropy data; redone one by one
-    alone, _ = pre(good)
+    assert failed == [1, 2, 3, 5, 6, 7]
+    assert calls == [3, 1, 1, 1] and pre.retried_batches == 1  # failed on one file; redone one by one
+    monkeypatch.undo()
+    alone, _ = pre([good[0], good[2]])
     assert torch.equal(out, alone)
-    # the CPU path then decodes what only the device path could not (the PNG), and names
-    # the failure of the rest
+    # the CPU path then decodes what only the device path could not (the greyscale file, the
+    # PNG), and names the failure of the rest
+    decode_image(batch[2])
     decode_image(batch[5])
     for i in (1, 3, 6, 7):
         with pytest.raises(InputError):
@@ -234,6 +245,12 @@ def _patch_sof(data: bytes, *, marker: int | None = None, size: tuple[int, int] 
     return bytes(b)
 
 
+def _insert_in_scan(data: bytes, offset: int, what: bytes) -> bytes:
+    i = data.index(b"\xff\xda")
+    start = i + 2 + int.from_bytes(data[i + 2:i + 4], "big") + offset
+    return data[:start] + what + data[start:]
+
+
 def _patch_sof_length(data: bytes) -> bytes:
     i = next(i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC1, 0xC2))
     return data[:i + 2] + (int.from_bytes(data[i + 2:i + 4], "big") + 3).to_bytes(2, "big") + data[i + 4:]
@@ -258,6 +275,8 @@ def test_probe_eligibility(corpus):
         "no-eoi": corpus["smaller-than-crop"][:-2],
         "truncated": corpus["1024x768"][: len(corpus["1024x768"]) // 2],
         "scan-header-length": _bad_scan(corpus["1024x768"]),
+        "frame-marker-in-scan-data": _bad_entropy(corpus["1024x768"]),
+        "junk-marker-in-scan-data": _insert_in_scan(corpus["1024x768"], 50, b"\xff\xff\x12"),
         "frame-header-length": _patch_sof_length(corpus["smaller-than-crop"]),
     }
     for name, data in not_for_the_device.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -242,8 +243,9 @@ def _jpeg_frame_header(data: bytes, max_segments: int = 4096) -> tuple[int, int,
         if length < 2 or i + 2 + length > n:
             return None
         if marker == 0xDA:  # start of scan: its header, then entropy-coded data
-            ns = data[i + 4] if length > 2 else 0
-            return sof if sof is not None and 1 <= ns <= 4 and length == 6 + 2 * ns else None
+            if sof is None or not _scan_header_ok(data, i, length):
+                return None
+            return sof if _entropy_coded_data_ok(data, i + 2 + length) else None
         if sof is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if length < 8:
                 return None
@@ -252,3 +254,42 @@ def _jpeg_frame_header(data: bytes, max_segments: int = 4096) -> tuple[int, int,
                 return None
         i += 2 + length
     return None
+
+
+def _scan_header_ok(data: bytes, i: int, length: int) -> bool:
+    ns = data[i + 4] if length > 2 else 0
+    return 1 <= ns <= 4 and length == 6 + 2 * ns
+
+
+# In entropy-coded data a 0xFF is followed by a stuffed 0x00 or a restart marker (0xD0-0xD7),
+# or by fill bytes (0xFF) and then a marker; this finds the markers (the pattern starts with a
+# literal so the regex engine skips ahead at C speed: ~70 us on a 230 kB photo, a leading
+# \xff+ made it 1.2 ms).
+_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# what may sit between two scans (progressive or non-interleaved files): tables, restart
+# interval, comments, application data, the next scan
+_BETWEEN_SCANS = frozenset({0xC4, 0xDB, 0xDD, 0xFE, 0xDA, *range(0xE0, 0xF0)})
+
+
+def _entropy_coded_data_ok(data: bytes, pos: int, max_segments: int = 4096) -> bool:
+    """From the end of the first scan header to the first EOI: only restart markers inside the
+    scans, only tables / comments / scan headers between them.
+    libjpeg stops at (or warns about and pads) anything else, while nvJPEG decoded a frame
+    marker planted in the scan data without complaint on an H100: such a file goes the CPU
+    path, which names it. One regex pass over the file at C speed (~70 us for 230 kB)."""
+    end = len(data.rstrip(b"\0"))
+    for _ in range(max_segments):
+        m = _MARKER_IN_SCAN.search(data, pos)
+        if m is None:
+            return False  # no EOI
+        at = m.start()  # the 0xFF just before the marker byte
+        marker = data[at + 1]
+        if marker == 0xD9:  # what follows (an MPO's next picture, trailing bytes) is not decoded
+            return True
+        if marker not in _BETWEEN_SCANS or at + 4 > end:
+            return False
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if length < 2 or at + 2 + length > end or (marker == 0xDA and not _scan_header_ok(data, at, length)):
+            return False
+        pos = at + 2 + length
+    return False
