@@ -116,9 +116,33 @@ def test_gpu_worker_script_runs_its_cpu_fallback(tmp_path):
     out = subprocess.run(["bash", str(repo / "deploy/bench/gpu-worker.sh"), str(tmp_path)], env=env, cwd=repo,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = ["gpu-decode", "cpu-decode"] if torch.cuda.is_available() else ["cpu-decode"]
+    runs = ["gpu-decode", "gpu-decode-raw"] if torch.cuda.is_available() else ["cpu-decode"]
     for name in runs:
         r = json.loads((tmp_path / f"{name}.json").read_text().splitlines()[-1])
         assert r["backend"] == "torch" and r["decisions_in_sink"] == 48 and r["dead_letters"] == 0
         assert r["latency_at_half_rate"]["n"] == 24
     assert "decisions/s" in out.stdout and runs[-1] in out.stdout.splitlines()[-1]
+
+
+def test_gpu_lease_script_runs_its_cpu_path(tmp_path):
+    """deploy/bench/gpu-lease.sh is the one prepared call for a lent GPU machine; here, without
+    CUDA, it must run every step on the CPU (no anchors there) and write its files."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "ARCH": "moderator-tiny", "EVENTS": "24", "LATENCY_EVENTS": "24",
+           "ENCODER_SECONDS": "0.2", "WHEELS": str(tmp_path / "no-wheels"), "ANCHOR": str(tmp_path / "none.py"),
+           "OUT": str(tmp_path / "out"), "PROFILE_IF_BEFORE_S": "0"}
+    out = subprocess.run(["bash", str(repo / "deploy/bench/gpu-lease.sh")], env=env, cwd=repo,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for name, what in (("worker-json", "base64 in json"), ("worker-raw", "raw envelope")):
+        r = json.loads((tmp_path / "out" / f"{name}.json").read_text().splitlines()[0])
+        assert r["decisions_in_sink"] == 48 and r["dead_letters"] == 0 and what in r["image"]
+    assert json.loads((tmp_path / "out" / "selfcheck.json").read_text())["ok"] is True
+    assert "done" in (tmp_path / "out" / "lease-log.txt").read_text()
