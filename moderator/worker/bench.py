@@ -90,6 +90,8 @@ def bench_events(n: int, image: str, size: tuple[int, int], seed: int, id_prefix
         if size[0] != size[1]:
             raise ValueError("synthetic PNGs are square: --size N or NxN")
         return list(synthetic_events(n, seed=seed, size=size[0], id_prefix=id_prefix, envelopes=(envelope,)))
+    if unique < 1:
+        raise ValueError("unique images: at least 1")
     rng = np.random.default_rng([seed, 11])
     pool = [photo_like_jpeg(rng, *size) for _ in range(min(n, unique))]
     return [OutgoingEvent(id=f"{id_prefix}-{i:06d}", expect=pool[i % len(pool)][1], image=pool[i % len(pool)][0],
