@@ -160,7 +160,10 @@ class WorkerSettings(BaseSettings):
     # --- URL fetching ---------------------------------------------------------------------------
     fetch_connect_timeout_s: float = Field(default=2.0, gt=0, description="TCP/TLS connect timeout per hop")
     fetch_read_timeout_s: float = Field(default=5.0, gt=0, description="socket read timeout")
-    fetch_total_timeout_s: float = Field(default=10.0, gt=0, description="whole fetch, redirects included")
+    fetch_total_timeout_s: float = Field(
+        default=10.0, gt=0, description="whole fetch: DNS, redirects, headers and body (a server dripping bytes "
+                                        "within the read timeout is cut off here)")
+    fetch_dns_timeout_s: float = Field(default=2.0, gt=0, description="DNS lookup of each hop's host")
     fetch_max_redirects: int = Field(default=3, ge=0, description="redirects followed (each re-checked)")
     fetch_allow_networks: CommaList = Field(
         default=[], description="CIDRs exempt from the private-address block (e.g. an internal image store)")

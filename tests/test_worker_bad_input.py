@@ -100,6 +100,31 @@ def _slow(h):
     _body(GOOD_PNG)(h)
 
 
+def _drip(h):  # a byte every 0.3 s: never trips the 1 s read timeout, only the 3 s deadline
+    h.send_response(200)
+    h.send_header("Content-Type", "image/png")
+    h.send_header("Content-Length", "60000")  # under the test's 64 kB cap
+    h.end_headers()
+    try:
+        for b in (GOOD_PNG * 100)[:60000]:
+            h.wfile.write(bytes([b]))
+            h.wfile.flush()
+            time.sleep(0.3)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def _huge_length(h):  # claims 10 GB
+    h.send_response(200)
+    h.send_header("Content-Type", "image/png")
+    h.send_header("Content-Length", str(10 * 1024 ** 3))
+    h.end_headers()
+    try:
+        h.wfile.write(GOOD_PNG)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 @pytest.fixture
 def servers():
     canary = _Server("127.0.0.1", {"/": _body(b"canary"), "/x": _body(b"canary")})
@@ -115,6 +140,8 @@ def servers():
         "/big": _body(b"\x89PNG" + b"\0" * 200_000),
         "/text": _body(b"just some text, honest", "text/plain"),
         "/slow": _slow,
+        "/drip": _drip,
+        "/huge-length": _huge_length,
         "/500": _body(b"oops", "text/plain", 500),
     }
     allowed = _Server(ALLOWED_HOST, routes)
@@ -223,6 +250,8 @@ def _cases(canary_port: int, port: int, closed_port: int) -> list[tuple[str, str
         ("body-too-large", "payload_too_large", ev("body-too-large", url=f"{a}/big")),
         ("url-text", "not_an_image", ev("url-text", url=f"{a}/text")),
         ("slow-server", "fetch_timeout", ev("slow-server", url=f"{a}/slow")),
+        ("dripping-body", "fetch_timeout", ev("dripping-body", url=f"{a}/drip")),
+        ("ten-gigabyte-length", "payload_too_large", ev("ten-gigabyte-length", url=f"{a}/huge-length")),
         ("connection-refused", "fetch_failed", ev("connection-refused", url=f"http://{ALLOWED_HOST}:{closed_port}/x")),
     ]
 

@@ -89,7 +89,8 @@ def torch_options(s: WorkerSettings) -> TorchOptions:
 def fetch_limits(s: WorkerSettings) -> FetchLimits:
     return FetchLimits(connect_timeout_s=s.fetch_connect_timeout_s, read_timeout_s=s.fetch_read_timeout_s,
                        total_timeout_s=s.fetch_total_timeout_s, max_bytes=s.max_image_bytes,
-                       max_redirects=s.fetch_max_redirects, user_agent=s.fetch_user_agent)
+                       max_redirects=s.fetch_max_redirects, user_agent=s.fetch_user_agent,
+                       dns_timeout_s=s.fetch_dns_timeout_s)
 
 
 def decode_limits(s: WorkerSettings) -> DecodeLimits:
