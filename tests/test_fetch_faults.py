@@ -174,6 +174,8 @@ def test_dns_that_does_not_answer_times_out():
         assert len(results) == 20 and all(isinstance(e, UrlUnresolvable) for e, _ in results)
         assert max(t for _, t in results) < LIMITS.dns_timeout_s + SLACK_S
         assert threading.active_count() - threads_before <= f.dns_threads
+        dns = [t for t in threading.enumerate() if t.name.startswith("fetch-dns")]
+        assert dns and all(t.daemon for t in dns)  # a hung lookup must not hold up interpreter exit
     finally:
         release.set()
 

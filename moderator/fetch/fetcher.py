@@ -26,7 +26,8 @@ import itertools
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import queue
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Callable
@@ -137,6 +138,40 @@ class _Deadlines:
 _DEADLINES = _Deadlines()
 
 
+class _LookupPool:
+    """At most ``threads`` daemon threads running DNS lookups. Not a ThreadPoolExecutor: its
+    threads are joined at interpreter exit, so one hung getaddrinfo would hold up shutdown."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._started = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._idle == 0 and self._started < self.threads:
+                self._started += 1
+                threading.Thread(target=self._work, name=f"fetch-dns-{self._started}", daemon=True).start()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            future, fn, args = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            if future.set_running_or_notify_cancel():  # False: its caller gave up while it queued
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # handed to the waiting caller
+                    future.set_exception(e)
+
+
 @dataclass(frozen=True)
 class _Target:
     scheme: str
@@ -158,7 +193,7 @@ class UrlFetcher:
         # dns_threads threads; later lookups queue behind them and time out the same way.
         # (The system resolver keeps /etc/hosts and nsswitch, which a DNS client library would not.)
         self.dns_threads = dns_threads
-        self._dns = ThreadPoolExecutor(dns_threads, thread_name_prefix="fetch-dns")
+        self._dns = _LookupPool(dns_threads)
 
     # -- checks (no network) ------------------------------------------------------
 
