@@ -184,9 +184,15 @@ def test_redis_cache_survives_restart_and_outage(md, local_redis, caplog):
     eng = DecisionEngine(fourth, ModelInfo(md.model_sha256, "t"))
     assert len(eng.decide(["a", "b"], _embeddings(md, 2))) == 2  # decisions continue
 
-    local_redis.start()
-    fifth = _compile(md, policy, cache, CountingFactory(md))  # recovers: stores again
-    assert not cache.health.down and fifth.embeddings.matrix.shape == first.embeddings.matrix.shape
+    local_redis.start()  # back, and empty
+    assert not cache.client.exists(first.embeddings.key)
+    f5 = CountingFactory(md)
+    fifth = _compile(md, policy, cache, f5)  # recovers: computes once and stores again
+    assert not cache.health.down and f5.calls == 1
+    assert cache.client.exists(first.embeddings.key), "embeddings not written back to Redis after it returned"
+    np.testing.assert_array_equal(cache.get(first.embeddings.key), fifth.embeddings.matrix)
+    sixth = _compile(md, policy, cache, CountingFactory(md))
+    assert sixth.embeddings.from_cache
 
 
 def test_hot_reload_swaps_and_rejects(md, tmp_path, caplog):

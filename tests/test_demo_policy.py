@@ -64,14 +64,23 @@ def test_review_only_cosine_category_escalates(matrix):
 
 
 def test_second_start_reuses_redis_embeddings(demo_model, redis_url):
+    import redis
+
+    from moderator.decide.embeddings import cache_key
+    from moderator.decide.policy import load_policy
+    from moderator.encode import ModelDirectory
+
+    key = cache_key(ModelDirectory(demo_model.model_dir).model_sha256, load_policy(POLICY).doc)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(key)  # a cold cache, whatever ran before
     runs_before = metrics.TEXT_ENCODER_RUNS._value.get()
-    # A fresh prompt-set key per run: this test needs a cold cache first.
     first = Classifier(demo_model.model_dir, POLICY, redis_url=redis_url)
     runs_after_first = metrics.TEXT_ENCODER_RUNS._value.get()
+    assert runs_after_first - runs_before == 1 and not first.engine.policy.embeddings.from_cache
+    assert client.exists(key)  # the first start stored what it computed
     second = Classifier(demo_model.model_dir, POLICY, redis_url=redis_url)
     assert metrics.TEXT_ENCODER_RUNS._value.get() == runs_after_first
     assert second.engine.policy.embeddings.from_cache
-    assert runs_after_first - runs_before <= 1  # cold, or already warm from an earlier run
     np.testing.assert_array_equal(first.engine.policy.embeddings.matrix, second.engine.policy.embeddings.matrix)
 
 

@@ -88,12 +88,35 @@ def test_template_ensemble_is_renormalised_mean(encoders):
 
 
 def test_manifest_describes_the_export(random_model_dir):
+    import hashlib
+    import json
+
+    import onnx
+
     md = ModelDirectory(random_model_dir)
     m = md.manifest
     assert m.weights.kind == "random" and m.architecture == "moderator-tiny"
-    assert m.preprocess.image_size == (64, 64) and m.tokenizer.context_length == 16
-    assert {"image_encoder.onnx", "text_encoder.onnx", "tokenizer.json",
-            "open_clip_model.safetensors"} <= set(m.files)
+    # what the manifest says is what the files are: digests, and the graphs' own inputs/outputs
+    for name, digest in m.files.items():
+        assert hashlib.sha256((random_model_dir / name).read_bytes()).hexdigest() == digest, name
+    assert set(m.files) == {"image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "open_clip_model.safetensors"}
+
+    def io(file):
+        g = onnx.load(str(random_model_dir / file), load_external_data=False).graph
+        dims = lambda v: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]  # noqa: E731
+        return {i.name: dims(i) for i in g.input}, {o.name: dims(o) for o in g.output}
+
+    ins, outs = io(m.image_encoder.file)
+    h, w = m.preprocess.image_size
+    assert list(ins) == [m.image_encoder.input_name] and ins[m.image_encoder.input_name][1:] == [3, h, w]
+    assert outs[m.image_encoder.output_name][-1] == m.embed_dim
+    ins, outs = io(m.text_encoder.file)
+    assert ins[m.text_encoder.input_name][-1] == m.tokenizer.context_length
+    assert outs[m.text_encoder.output_name][-1] == m.embed_dim
+    cfg = json.loads(json.dumps(m.model_config_json)) if not isinstance(m.model_config_json, str) else json.loads(
+        m.model_config_json)
+    assert cfg["embed_dim"] == m.embed_dim and cfg["vision_cfg"]["image_size"] == h
+    assert cfg["text_cfg"]["context_length"] == m.tokenizer.context_length
     assert {"torch", "open_clip", "onnx", "opset", "moderator"} <= set(m.exporter)
     assert m.logit_scale > 0 and len(md.model_sha256) == 64
 
@@ -112,7 +135,7 @@ def test_tampered_file_is_refused(random_model_dir, tmp_path):
         ModelDirectory(copy)
 
 
-def test_provider_choice():
+def test_provider_choice(random_model_dir):
     import onnxruntime as ort
 
     chosen = choose_providers()
@@ -121,6 +144,9 @@ def test_provider_choice():
     assert chosen == [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
                       if p in available]
     assert chosen[-1] == "CPUExecutionProvider"
+    # and the sessions really run with them, in that order (what ONNX Runtime reports back)
+    assert ImageEncoder(random_model_dir).runtime_info()["providers"] == chosen
+    assert TextEncoder(random_model_dir).runtime_info()["providers"] == chosen
     assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in available:
         with pytest.raises(ModelError, match=r"not available.*moderator\[gpu\]"):

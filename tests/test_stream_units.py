@@ -276,6 +276,47 @@ def test_kafka_security_settings_reach_the_clients(monkeypatch):
         WorkerSettings(kafka_security_protocol="TLS")
 
 
+def test_the_worker_hands_its_kafka_security_settings_to_both_clients(random_model_dir, monkeypatch):
+    """Not only kafka_security()'s dict: what the worker's producer and consumer are built with."""
+    import moderator.ingest.consumer as consumer_module
+    import moderator.publish as publish_module
+    from moderator.config import WorkerSettings
+    from moderator.demo import DEMO_POLICY
+    from moderator.worker.app import Worker
+
+    built: dict[str, dict] = {}
+
+    class Producer:  # stands in for KafkaProducer: records its arguments
+        def __init__(self, **kw):
+            built["producer"] = kw
+
+        def flush(self, *a, **kw):
+            pass
+
+        def close(self, *a, **kw):
+            pass
+
+    class Built(Exception):
+        pass
+
+    def consumer(*topics, **kw):
+        built["consumer"] = kw
+        raise Built  # enough: the worker stops starting here
+
+    monkeypatch.setattr(publish_module, "KafkaProducer", Producer)
+    monkeypatch.setattr(consumer_module, "KafkaConsumer", consumer)
+    s = WorkerSettings(model_dir=random_model_dir, policy=DEMO_POLICY, http_port=0, http_host="127.0.0.1",
+                       redis_url=None, kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
+                       kafka_sasl_username="svc-moderator", kafka_sasl_password="s3cret",
+                       kafka_ssl_cafile="/tls/ca.crt")
+    with pytest.raises(Built):
+        Worker(s).run()
+    want = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": "svc-moderator", "sasl_plain_password": "s3cret", "ssl_cafile": "/tls/ca.crt"}
+    for client in ("producer", "consumer"):
+        assert {k: built[client].get(k) for k in want} == want, client
+
+
 def test_adaptive_batch_goes_at_once_when_downstream_is_idle_and_fills_when_busy():
     busy = threading.Event()
     b = MicroBatcher(4, max_wait_ms=60_000, idle=lambda: not busy.is_set())

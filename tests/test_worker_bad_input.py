@@ -313,9 +313,11 @@ def test_every_bad_input_is_a_named_dead_letter_and_nothing_forbidden_is_reached
     want = len(cases) + len(good_names)
     out = read_outputs(topics, want, timeout_s=90)
 
-    dead = {}
-    for _, v in out[topics.dead_letter]:
-        dead.setdefault(at[(v["source"]["partition"], v["source"]["offset"])], []).append(v)
+    dead, dead_keys = {}, {}
+    for rec, v in out[topics.dead_letter]:
+        name = at[(v["source"]["partition"], v["source"]["offset"])]
+        dead.setdefault(name, []).append(v)
+        dead_keys[name] = rec.key
     decided = Counter(v["event_id"] for _, v in out[topics.decisions])
     wrong = {name: (reason, [d["reason"] + ": " + d["error"] for d in dead.get(name, [])])
              for name, reason, _ in cases if [d["reason"] for d in dead.get(name, [])] != [reason]}
@@ -324,11 +326,20 @@ def test_every_bad_input_is_a_named_dead_letter_and_nothing_forbidden_is_reached
     assert set(decided) == good_names, f"good inputs without a decision: {good_names - set(decided)}"
     assert not (good_names & set(dead)), {n: dead[n] for n in good_names & set(dead)}
 
-    # dead letters carry their source and the original (or a pointer to it)
+    # dead letters carry their source and the original (or a pointer to it), are keyed like the
+    # input (its event id, else its record key), and name the policy and model in force
+    from moderator.decide.policy import load_policy
+    from moderator.demo import DEMO_POLICY
+    from moderator.encode import ModelDirectory
+
+    policy_version = load_policy(DEMO_POLICY).doc.version
+    model_sha = ModelDirectory(random_model_dir).model_sha256
     for name, _, _ in cases:
         d = dead[name][0]
         assert d["source"]["topic"] == topics.input and d["original"]["pointer"].startswith("kafka://")
         assert d["original"]["value"] is not None or d["original"]["size_bytes"] > 256 * 1024
+        assert dead_keys[name] == (None if name in NO_KEY else name.encode()), (name, dead_keys[name])
+        assert (d["policy_version"], d["model_sha256"]) == (policy_version, model_sha), name
     # counted by reason
     expected_counts = Counter(r for _, r, _ in cases)
     for reason, n in expected_counts.items():
