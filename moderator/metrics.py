@@ -91,5 +91,9 @@ KAFKA_NATIVE_CRC32C = Gauge(
     "moderator_kafka_native_crc32c",
     "1 when kafka-python checksums records with the C crc32c package, 0 on its slow pure-Python fallback",
 )
-WORKER_READY = Gauge("moderator_worker_ready", "1 when model, policy and group assignment are in place")
+WORKER_READY = Gauge("moderator_worker_ready",
+                     "1 when /readyz passes: encoder warmed up, consumer group joined, not stopping (the same check)")
+ASSIGNED_PARTITIONS = Gauge("moderator_assigned_partitions",
+                            "input-topic partitions this worker holds (0: a ready standby, e.g. more replicas "
+                            "than partitions)")
 WORKER_INFO = Info("moderator_worker", "Worker instance: client id, group, topics")

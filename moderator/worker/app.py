@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 from kafka.structs import TopicPartition
 
 from moderator import metrics
@@ -40,6 +41,7 @@ from moderator.decide.policy import load_policy
 from moderator.decide.reload import PolicyWatcher
 from moderator.decode import DecodeLimits
 from moderator.encode import ModelDirectory, TextEncoder
+from moderator.errors import ModelError
 from moderator.encode.factory import TorchOptions, open_image_encoder
 from moderator.encode.onnx_backend import OrtOptions
 from moderator.fetch import AddressPolicy, FetchLimits, UrlFetcher
@@ -114,6 +116,7 @@ class Worker:
         self._stop = threading.Event()
         self._deadline: float | None = None  # set when draining starts (shutdown_grace_s)
         self._fatal: BaseException | None = None
+        self._encoder_warm = False
         self._consumer = None
         self._publisher: DecisionPublisher | None = None
         self.ops: OpsServer | None = None
@@ -194,16 +197,36 @@ class Worker:
         return ok, {"fatal": repr(self._fatal) if self._fatal else None, "dead_threads": dead}
 
     def _ready_probe(self) -> tuple[bool, dict]:
+        """/readyz and ``moderator_worker_ready`` (the same function). Ready: the encoder has
+        run a warm-up batch, the consumer has joined its group (an empty assignment counts: a
+        replica beyond the partition count is a standby that takes partitions at the next
+        rebalance, reported by ``moderator_assigned_partitions`` 0), and it is not stopping.
+        A model or policy that fails to load never gets here: the process exits at start."""
         checks = {
-            "model_loaded": self.encoder is not None,
-            "policy_loaded": self.engine is not None,
-            "consumer_assigned": self.ready_event.is_set(),
+            "encoder_warm": self._encoder_warm,
+            "group_joined": self.ready_event.is_set(),
             "not_stopping": not self._stop.is_set(),
         }
+        partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in self.tracker.assigned())
         detail = {"checks": checks, "policy_version": self.engine.policy.version,
-                  "model_sha256": self.model_sha256,
-                  "partitions": sorted(f"{tp.topic}/{tp.partition}" for tp in self.tracker.assigned())}
+                  "model_sha256": self.model_sha256, "partitions": partitions}
+        if checks["group_joined"] and not partitions:
+            detail["note"] = "holds no partitions: a standby until the next rebalance"
         return all(checks.values()), detail
+
+    def _warm_up(self) -> None:
+        """One batch through the image encoder before the worker joins its group: a model that
+        loads but cannot run (bad provider, out of device memory) fails the start, not the
+        first batch."""
+        h, w = self.encoder.preprocessor.image_size
+        try:
+            out = self.encoder.encode_pixels(np.zeros((1, 3, h, w), dtype=np.float32))
+        except Exception as e:
+            raise ModelError(f"the image encoder failed its warm-up batch: {type(e).__name__}: {e}") from e
+        if out.shape != (1, self.model_dir.manifest.embed_dim) or not np.isfinite(out).all():
+            raise ModelError(f"the image encoder's warm-up batch gave {out.shape}, not finite "
+                             f"(1, {self.model_dir.manifest.embed_dim}) embeddings")
+        self._encoder_warm = True
 
     def _fail(self, err: BaseException) -> None:
         if self._fatal is None:
@@ -231,7 +254,11 @@ class Worker:
         s = self.s
         self.ops = OpsServer(s.http_host, s.http_port, health=self._health, ready=self._ready_probe).start()
         closing.callback(self.ops.stop)
-        closing.callback(metrics.WORKER_READY.set, 0)
+        metrics.WORKER_READY.set_function(lambda: float(self._ready_probe()[0]))
+        metrics.ASSIGNED_PARTITIONS.set_function(lambda: float(len(self.tracker.assigned())))
+        closing.callback(metrics.WORKER_READY.set_function, lambda: 0.0)
+        closing.callback(metrics.ASSIGNED_PARTITIONS.set_function, lambda: 0.0)
+        self._warm_up()
         if self._watcher:
             self._watcher.start()
             closing.callback(self._watcher.stop)

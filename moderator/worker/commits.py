@@ -72,8 +72,7 @@ class OffsetCommitter:
     def on_assigned(self, tps: set[TopicPartition]) -> None:
         self.tracker.assign(tps)
         metrics.REBALANCES.labels(event="assigned").inc(len(tps))
-        self.assigned_once.set()
-        metrics.WORKER_READY.set(1)
+        self.assigned_once.set()  # joined the group, even with an empty assignment
         log.info("partitions assigned", extra={"event": "assigned", "partitions": _names(tps)})
 
     def on_revoked(self, tps: set[TopicPartition]) -> None:
