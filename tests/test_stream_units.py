@@ -317,6 +317,52 @@ def test_the_worker_hands_its_kafka_security_settings_to_both_clients(random_mod
         assert {k: built[client].get(k) for k in want} == want, client
 
 
+def test_revoke_waits_for_in_flight_work_without_stopping_the_consumers_event_loop():
+    """kafka-python 3 runs rebalance listeners on the event loop that also heartbeats: the
+    revoke's wait for in-flight work must be awaited sleeps there, not a blocking wait (one of
+    revoke_wait_ms 5 s stopped heartbeats and, with a 6 s session, lost the group)."""
+    from kafka.net.selector import NetworkSelector
+
+    from moderator.ingest import RebalanceHooks
+
+    net = NetworkSelector()
+    ticks: list[float] = []
+    calls: list[tuple[str, set, float]] = []
+    t0 = time.monotonic()
+    drained_at = t0 + 0.3
+    hooks = RebalanceHooks(lambda tps: calls.append(("revoked", tps, time.monotonic())),
+                           lambda tps: calls.append(("assigned", tps, time.monotonic())),
+                           drained=lambda tps: time.monotonic() >= drained_at, revoke_wait_s=lambda: 5.0)
+    tp = TopicPartition("t", 0)
+
+    async def heartbeat():
+        while time.monotonic() < t0 + 0.5:
+            ticks.append(time.monotonic())
+            await net.sleep(0.01)
+
+    async def both():
+        beat = net.call_soon(heartbeat)
+        await hooks.on_partitions_revoked([tp])
+        await hooks.on_partitions_assigned([])
+        while not beat.is_done:
+            await net.sleep(0.01)
+
+    net.run(both)
+    assert [c[0] for c in calls] == ["revoked", "assigned"] and calls[0][1] == {tp}
+    assert drained_at <= calls[0][2] < drained_at + 0.2  # waited for the drain, not the 5 s cap
+    during = [t for t in ticks if t0 < t < drained_at]
+    assert len(during) >= 10, f"the loop stalled while the revoke waited ({len(during)} ticks)"
+
+    # nothing drains: the wait ends at revoke_wait_s, then on_revoked runs all the same
+    calls.clear()
+    capped = RebalanceHooks(lambda tps: calls.append(("revoked", tps, time.monotonic())), lambda tps: None,
+                            drained=lambda tps: False, revoke_wait_s=lambda: 0.2)
+    start = time.monotonic()
+    net.run(lambda: capped.on_partitions_revoked([tp]))
+    assert calls and 0.2 <= calls[0][2] - start < 0.5
+    net.close()
+
+
 def test_adaptive_batch_goes_at_once_when_downstream_is_idle_and_fills_when_busy():
     busy = threading.Event()
     b = MicroBatcher(4, max_wait_ms=60_000, idle=lambda: not busy.is_set())

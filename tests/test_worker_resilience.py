@@ -281,3 +281,54 @@ def test_broker_frozen_for_seconds_loses_nothing(random_model_dir, pausable_brok
     # before it (at 40 events/s and 200 ms: 8)
     assert sum(dups.values()) <= in_flight_at_freeze + 8, (dups, in_flight_at_freeze)
     _assert_duplicates_repeat_the_decision(decisions)
+
+
+BROKER_RECOVERY_BOUND_S = 45.0  # broker serving again -> the worker acknowledging again
+
+
+def test_broker_killed_and_restarted_loses_nothing_and_the_worker_recovers_by_itself(
+        random_model_dir, worker_settings, start_worker, read_outputs):
+    """SIGKILL the broker mid-stream (no controlled shutdown), restart it on the same data: the
+    same worker (no restart of its own) resumes within BROKER_RECOVERY_BOUND_S and nothing is lost."""
+    with LocalKafka() as kafka:
+        bootstrap = kafka.bootstrap_servers
+        run = f"kill-{time.monotonic_ns() % 10**8}"
+        topics = SimpleNamespace(input=f"{run}.images", decisions=f"{run}.decisions", flagged=f"{run}.flagged",
+                                 review=f"{run}.review", dead_letter=f"{run}.dead-letter")
+        ensure_topics(bootstrap, {topics.input: 2, topics.decisions: 2, topics.flagged: 1, topics.review: 1,
+                                  topics.dead_letter: 1})
+        worker = start_worker(worker_settings(random_model_dir, topics, kafka_bootstrap_servers=bootstrap))
+        events = list(synthetic_events(240, seed=78, size=48, id_prefix=run))
+        produced: list = []
+
+        def producer_run():
+            try:
+                produced.append(produce(bootstrap, topics.input, events, rate=40.0))
+            except Exception as e:  # noqa: BLE001 -- reported below
+                produced.append(e)
+
+        producer = threading.Thread(target=producer_run, daemon=True)
+        producer.start()
+        _wait(lambda: worker.stats.inputs_acked >= 40, 60, "the worker to get going")
+        kafka.kill()
+        time.sleep(2)  # down: requests fail, connections are refused
+        kafka.restart()
+        up_at, acked_at_up = time.monotonic(), worker.stats.inputs_acked
+        _wait(lambda: worker.stats.inputs_acked > acked_at_up, BROKER_RECOVERY_BOUND_S,
+              f"the worker to acknowledge again within {BROKER_RECOVERY_BOUND_S}s of the broker's return")
+        recovery_s = time.monotonic() - up_at
+        producer.join(180)
+        assert produced and not isinstance(produced[0], Exception), produced
+        out = read_outputs(topics, len(events), timeout_s=120, bootstrap=bootstrap)
+        assert worker.thread.is_alive() and _status(worker.http_port, "/healthz") == 200
+        worker.request_stop()  # while the broker is still there to commit to
+        worker.thread.join(60)
+    decisions = out[topics.decisions]
+    missing = sorted({e.id for e in events} - {v["event_id"] for _, v in decisions})
+    assert not missing, f"{len(missing)} events lost, e.g. {missing[:5]}"
+    assert out[topics.dead_letter] == []
+    dups = _duplicates(decisions)
+    _assert_duplicates_repeat_the_decision(decisions)
+    print(f"\nbroker SIGKILLed and restarted ({kafka.restart_seconds:.1f}s to serve again): worker acknowledging "
+          f"again {recovery_s:.1f}s later; {len(decisions)} decisions for {len(events)} events, "
+          f"{sum(dups.values())} duplicates")

@@ -189,6 +189,18 @@ class ManagedProcess:
     def returncode(self) -> int | None:
         return self._proc.poll() if self._proc else None
 
+    def kill(self) -> None:
+        """SIGKILL now, as a crash would (no shutdown hooks); ``start()`` runs it again."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        _live.discard(self)
+
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
         proc, self._proc = self._proc, None

@@ -213,6 +213,7 @@ class LocalKafka:
         self.controller_port: int | None = None
         self._workdir: Workdir | None = None
         self.startup_seconds: float | None = None
+        self.restart_seconds: float | None = None
         self._process: ManagedProcess | None = None
 
     @property
@@ -256,6 +257,25 @@ class LocalKafka:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - started
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would; its data, ports and config stay for ``restart()``."""
+        if self._process is None:
+            raise RuntimeError("LocalKafka is not started")
+        self._process.kill()
+
+    def restart(self) -> LocalKafka:
+        """Start the broker again on the same data and ports (after ``kill()``); returns once it
+        serves metadata. ``restart_seconds`` says how long that took."""
+        if self._process is None or self._workdir is None or self.port is None:
+            raise RuntimeError("LocalKafka is not started")
+        if self._process.running:
+            return self
+        started = time.monotonic()
+        self._process.start()
+        self._wait_ready(self._process, self.port)
+        self.restart_seconds = time.monotonic() - started
         return self
 
     def stop(self) -> None:

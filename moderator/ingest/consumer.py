@@ -1,8 +1,12 @@
 """The Kafka consumer: one group member, manual commits, rebalance hooks.
 
 Kafka specifics stay here. kafka-python 3 runs the group protocol on its own
-IO thread and calls rebalance listeners there, so the hooks passed in must not
-call blocking consumer APIs (``commit`` would deadlock); ``commit_async`` is safe.
+IO thread's event loop and calls rebalance listeners there, so the hooks passed in
+must not call blocking consumer APIs (``commit`` would deadlock; ``commit_async``
+is safe), and must not block: a plain listener that waits holds up the loop's
+heartbeats too, and a wait longer than the session timeout loses the group.
+``RebalanceHooks`` does the one wait there is (in-flight work of revoked partitions)
+as awaited sleeps on that loop.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Callable, Iterable
 
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.structs import TopicPartition
 
 from moderator.config import WorkerSettings
@@ -23,20 +27,42 @@ log = logging.getLogger(__name__)
 PartitionsHook = Callable[[set[TopicPartition]], None]
 
 
-class RebalanceHooks(ConsumerRebalanceListener):
-    """Adapts plain callables to kafka-python's listener interface."""
+def loop_sleep(seconds: float):
+    """An awaitable pause on kafka-python 3's own event loop (its selector kernel, not asyncio):
+    the event its coordinator awaits between retries. A private detail of kafka-python, so it is
+    pinned by the version range in pyproject.toml and by a test."""
+    from kafka.net.selector import KernelEvent  # noqa: PLC0415
+
+    return KernelEvent("_sleep", seconds)
+
+
+class RebalanceHooks(AsyncConsumerRebalanceListener):
+    """Adapts plain callables to kafka-python's async listener interface.
+
+    On revoke it first waits, up to ``revoke_wait_s()``, until ``drained(revoked)`` -- awaiting
+    short sleeps on the consumer's event loop, which keeps heartbeating meanwhile -- then calls
+    ``on_revoked``. The hooks themselves must not block.
+    """
 
     def __init__(self, on_revoked: PartitionsHook, on_assigned: PartitionsHook,
-                 on_lost: PartitionsHook | None = None) -> None:
+                 on_lost: PartitionsHook | None = None, *,
+                 drained: Callable[[set[TopicPartition]], bool] | None = None,
+                 revoke_wait_s: Callable[[], float] = lambda: 0.0, poll_s: float = 0.02) -> None:
         self._revoked, self._assigned, self._lost = on_revoked, on_assigned, on_lost
+        self._drained, self._revoke_wait_s, self._poll_s = drained, revoke_wait_s, poll_s
 
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._revoked(set(revoked))
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        tps = set(revoked)
+        if tps and self._drained is not None:
+            deadline = time.monotonic() + self._revoke_wait_s()
+            while not self._drained(tps) and time.monotonic() < deadline:
+                await loop_sleep(self._poll_s)
+        self._revoked(tps)
 
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self._assigned(set(assigned))
 
-    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+    async def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
         (self._lost or self._revoked)(set(lost))
 
 

@@ -273,7 +273,8 @@ class Worker:
         self._consumer = make_consumer(s)
         self.committer.attach(self._consumer)
         subscribe(self._consumer, s.input_topic,
-                  RebalanceHooks(self.committer.on_revoked, self.committer.on_assigned, self.committer.on_lost))
+                  RebalanceHooks(self.committer.on_revoked, self.committer.on_assigned, self.committer.on_lost,
+                                 drained=self.committer.drained, revoke_wait_s=self.committer.revoke_wait_s))
         closing.callback(self._close_consumer)
         self.stages.start()
         log.info("worker started", extra={"event": "started", "input_topic": s.input_topic,

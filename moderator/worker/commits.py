@@ -75,11 +75,21 @@ class OffsetCommitter:
         self.assigned_once.set()  # joined the group, even with an empty assignment
         log.info("partitions assigned", extra={"event": "assigned", "partitions": _names(tps)})
 
+    def drained(self, tps: set[TopicPartition]) -> bool:
+        """Nothing in flight for these partitions (the hooks wait for it before ``on_revoked``)."""
+        return self.tracker.wait_drained(0.0, tps)
+
+    def revoke_wait_s(self) -> float:
+        """How long a revoke may wait for in-flight work of the revoked partitions: none when
+        the worker is closing (it drains on its own first)."""
+        return 0.0 if self.closing else self._revoke_wait_s
+
     def on_revoked(self, tps: set[TopicPartition]) -> None:
+        """Commit what finished for these partitions and drop the rest (the new owner redoes it).
+        ``RebalanceHooks`` first waits up to ``revoke_wait_s()`` for ``drained(tps)`` without
+        blocking the consumer's event loop."""
         if not tps:
             return
-        # Finish what is in flight for these partitions if it is quick, commit it, drop the rest.
-        self.tracker.wait_drained(0.0 if self.closing else self._revoke_wait_s, tps)
         offsets = self.tracker.to_commit(tps)
         if offsets and not self.closing:
             try:
