@@ -241,14 +241,20 @@ def pausable_broker(services):
         yield kafka.bootstrap_servers, _pid_of(kafka)
 
 
-def test_broker_frozen_for_seconds_loses_nothing(random_model_dir, pausable_broker, worker_settings, start_worker,
-                                                 read_outputs):
-    bootstrap, pid = pausable_broker
-    run = f"freeze-{time.monotonic_ns() % 10**8}"
+def _topics_on(bootstrap: str, prefix: str) -> tuple[str, SimpleNamespace]:
+    """A run name and its five topics (2-partition input and decisions), created on ``bootstrap``."""
+    run = f"{prefix}-{time.monotonic_ns() % 10**8}"
     topics = SimpleNamespace(input=f"{run}.images", decisions=f"{run}.decisions", flagged=f"{run}.flagged",
                              review=f"{run}.review", dead_letter=f"{run}.dead-letter")
     ensure_topics(bootstrap, {topics.input: 2, topics.decisions: 2, topics.flagged: 1, topics.review: 1,
                               topics.dead_letter: 1})
+    return run, topics
+
+
+def test_broker_frozen_for_seconds_loses_nothing(random_model_dir, pausable_broker, worker_settings, start_worker,
+                                                 read_outputs):
+    bootstrap, pid = pausable_broker
+    run, topics = _topics_on(bootstrap, "freeze")
     worker = start_worker(worker_settings(random_model_dir, topics, kafka_bootstrap_servers=bootstrap))
     events = list(synthetic_events(240, seed=77, size=48, id_prefix=run))
     producer = threading.Thread(target=produce, args=(bootstrap, topics.input, events), kwargs={"rate": 40.0},
@@ -292,11 +298,7 @@ def test_broker_killed_and_restarted_loses_nothing_and_the_worker_recovers_by_it
     same worker (no restart of its own) resumes within BROKER_RECOVERY_BOUND_S and nothing is lost."""
     with LocalKafka() as kafka:
         bootstrap = kafka.bootstrap_servers
-        run = f"kill-{time.monotonic_ns() % 10**8}"
-        topics = SimpleNamespace(input=f"{run}.images", decisions=f"{run}.decisions", flagged=f"{run}.flagged",
-                                 review=f"{run}.review", dead_letter=f"{run}.dead-letter")
-        ensure_topics(bootstrap, {topics.input: 2, topics.decisions: 2, topics.flagged: 1, topics.review: 1,
-                                  topics.dead_letter: 1})
+        run, topics = _topics_on(bootstrap, "kill")
         worker = start_worker(worker_settings(random_model_dir, topics, kafka_bootstrap_servers=bootstrap))
         events = list(synthetic_events(240, seed=78, size=48, id_prefix=run))
         produced: list = []

@@ -191,29 +191,21 @@ class ManagedProcess:
 
     def kill(self) -> None:
         """SIGKILL now, as a crash would (no shutdown hooks); ``start()`` runs it again."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        _live.discard(self)
+        self.stop(timeout=0)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL (``timeout`` 0: SIGKILL at once)."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
+            if proc.poll() is None and timeout > 0:
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    proc.wait(timeout=10)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait(timeout=10)
         if self._log is not None:
             self._log.close()
             self._log = None
