@@ -178,6 +178,56 @@ def test_sigkill_restart_and_a_second_worker_joining_and_leaving_lose_nothing(
     assert committed == kafka_offsets.end(topics.input, 4), "offsets not committed to the end after drain"
 
 
+CHAOS_WORKERS, CHAOS_PARTITIONS, CHAOS_KILLS, CHAOS_MAX_BATCH = 3, 6, 3, 16
+
+
+def test_three_workers_sigkilled_in_turn_during_load_lose_nothing(
+        random_model_dir, stream_topics, worker_processes, read_outputs, kafka_bootstrap, kafka_offsets):
+    """Chaos: three worker processes share six partitions while events keep arriving; one after
+    another is SIGKILLed mid-load and replaced. Nothing is lost, and duplicates stay within what
+    at-least-once allows: kills x max_batch x partitions per worker."""
+    topics = stream_topics(CHAOS_PARTITIONS)
+    group = f"chaos-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    events = list(synthetic_events(1200, seed=21, size=48, id_prefix="chaos"))
+    workers = [worker_processes(f"chaos-{i}", topics, group, random_model_dir) for i in range(CHAOS_WORKERS)]
+    for w in workers:
+        w.wait_ready()
+    producer = threading.Thread(target=produce, args=(kafka_bootstrap, topics.input, events),
+                                kwargs={"rate": 60.0}, daemon=True)
+    producer.start()
+
+    def decided() -> int:
+        return sum(kafka_offsets.end(topics.decisions, CHAOS_PARTITIONS).values())
+
+    kills = []
+    for k in range(CHAOS_KILLS):
+        _wait(lambda k=k: decided() >= 150 * (k + 1), 90, f"progress before kill {k + 1}")
+        assert producer.is_alive(), "the load ended before the kills: raise the event count"
+        i = k % CHAOS_WORKERS
+        workers[i].proc.kill()  # SIGKILL mid-load: no drain, no commit, no goodbye to the group
+        assert workers[i].proc.wait(10) == -signal.SIGKILL
+        kills.append(decided())
+        workers[i] = worker_processes(f"chaos-{i}-after-kill-{k}", topics, group, random_model_dir)
+        workers[i].wait_ready()
+    producer.join(120)
+    out = read_outputs(topics, len(events), timeout_s=180)
+    for w in workers:
+        assert w.stop(signal.SIGTERM) == 0, f"{w.name} did not drain cleanly:\n{w.log()}"
+
+    decisions = out[topics.decisions]
+    missing = sorted({e.id for e in events} - {v["event_id"] for _, v in decisions})
+    assert not missing, f"{len(missing)} events lost, e.g. {missing[:5]}"
+    assert out[topics.dead_letter] == []
+    dups = _duplicates(decisions)
+    bound = CHAOS_KILLS * CHAOS_MAX_BATCH * (CHAOS_PARTITIONS // CHAOS_WORKERS)
+    print(f"\nchaos: {CHAOS_WORKERS} workers, {len(events)} events, {CHAOS_KILLS} SIGKILLs under load (at "
+          f"{kills} decided): {len(decisions)} decisions, {sum(dups.values())} duplicates (bound {bound})")
+    assert sum(dups.values()) <= bound, dups
+    _assert_duplicates_repeat_the_decision(decisions)
+    committed = kafka_offsets.committed(group, topics.input, CHAOS_PARTITIONS)
+    assert committed == kafka_offsets.end(topics.input, CHAOS_PARTITIONS), "offsets not committed to the end"
+
+
 def test_redis_stopped_mid_run_decisions_continue_and_the_cache_comes_back(
         random_model_dir, local_redis, stream_topics, worker_settings, start_worker, read_outputs,
         kafka_bootstrap):
