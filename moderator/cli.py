@@ -223,6 +223,22 @@ def _cmd_bench_draft(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_soak(a: argparse.Namespace) -> int:
+    from moderator.worker.soak import soak
+
+    model = a.model
+    if model is None:
+        from moderator.model.demo import ensure_demo_model
+
+        model = ensure_demo_model(progress=True).model_dir
+    r = soak(model, a.policy, seconds=a.seconds, rate=a.rate, bootstrap_servers=a.bootstrap_servers,
+             redis_url=a.redis_url, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(r))
+    print(f"RSS {r['rss_mb_at_start']} MiB at start, {r['rss_mb_middle_third_mean']} -> {r['rss_mb_last_third_mean']} "
+          f"MiB (middle -> last third of {r['seconds']} s), max {r['rss_mb_max']}", file=sys.stderr)
+    return 0 if r["worker_exit_status"] == 0 else 1
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from moderator.demo import DEMO_POLICY, run_demo
 
@@ -434,6 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--size", type=int, default=512, help="image side in px (default: %(default)s)")
     bd.add_argument("--quality", type=int, default=85)
     bd.set_defaults(func=_cmd_bench_draft)
+
+    bs = sub.add_parser("bench-soak", help="the worker's RSS under a steady mixed load",
+                        description="`moderator run` in a subprocess under a steady rate of good, re-sent and "
+                                    "malformed events (local Kafka and Redis unless given); samples its RSS. "
+                                    "Prints one JSON line with the series and the growth after warm-up.")
+    bs.add_argument("--model", type=Path, help="model directory (default: the cached demo model)")
+    bs.add_argument("--policy", type=Path, default=Path("deploy/policies/demo.yaml"))
+    bs.add_argument("--seconds", type=float, default=300.0)
+    bs.add_argument("--rate", type=float, default=50.0, help="events per second (default: %(default)s)")
+    bs.add_argument("--bootstrap-servers", help="an existing Kafka (default: start one)")
+    bs.add_argument("--redis-url", help="an existing Redis (default: start one)")
+    bs.set_defaults(func=_cmd_bench_soak)
 
     dm = sub.add_parser("demo", help="the streaming demo: local Kafka + Redis, a worker, a few hundred events",
                         description="Run the whole service locally with the demo model and policy and print "
