@@ -23,10 +23,10 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
+import queue
 import socket
 import threading
 import time
-import queue
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass

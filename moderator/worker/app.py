@@ -41,9 +41,9 @@ from moderator.decide.policy import load_policy
 from moderator.decide.reload import PolicyWatcher
 from moderator.decode import DecodeLimits
 from moderator.encode import ModelDirectory, TextEncoder
-from moderator.errors import ModelError
 from moderator.encode.factory import TorchOptions, open_image_encoder
 from moderator.encode.onnx_backend import OrtOptions
+from moderator.errors import ModelError
 from moderator.fetch import AddressPolicy, FetchLimits, UrlFetcher
 from moderator.ingest import EventLimits, RebalanceHooks, make_consumer, subscribe
 from moderator.ingest.crc import check_native_crc32c
