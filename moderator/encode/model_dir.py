@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 from pydantic import ValidationError
 
@@ -13,6 +18,23 @@ from moderator.errors import ChecksumMismatch, ManifestError, ModelError
 from moderator.schemas import Manifest
 
 MANIFEST_FILE = "manifest.json"
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside ``out_dir`` to build a model directory in. When the
+    block ends normally it replaces ``out_dir`` (one rename: a reader never sees a half-written
+    directory at that path); on any error it is removed and ``out_dir`` is left as it was."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

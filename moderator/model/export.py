@@ -13,8 +13,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from moderator import __version__
-from moderator.encode.model_dir import MANIFEST_FILE, ModelDirectory, sha256_file
+from moderator.encode.model_dir import MANIFEST_FILE, ModelDirectory, sha256_file, staged_directory
 from moderator.encode.tokenizer import CLIP_SPLIT_PATTERN, ClipTokenizer
 from moderator.encode.torch_backend import WEIGHTS_FILE
 from moderator.errors import ModelError, WeightsUnavailable
@@ -267,9 +265,7 @@ def export_model(
         raise ModelError(f"{loaded.name}: preprocessing not supported by the runtime: {e}") from e
     context_length = int(model.context_length)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp:
         tok_spec = _tokenizer_json(loaded.name, loaded.tokenizer_ref, context_length, tmp / TOKENIZER_FILE)
         if precision == "fp16":
             model = model.half()
@@ -308,10 +304,4 @@ def export_model(
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ModelDirectory(out_dir)

@@ -46,7 +46,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import random
 import shutil
 import tempfile
@@ -58,7 +57,7 @@ from typing import TYPE_CHECKING, Callable, get_args
 import numpy as np
 
 from moderator.decode import DecodeLimits, decode_image
-from moderator.encode.model_dir import MANIFEST_FILE, ModelDirectory, sha256_file
+from moderator.encode.model_dir import MANIFEST_FILE, ModelDirectory, sha256_file, staged_directory
 from moderator.encode.preprocess import ImagePreprocessor
 from moderator.errors import InputError, MissingDependency, ModelError, PayloadTooLarge
 from moderator.schemas import EncoderFile, QuantActivations, QuantCalibration, Quantization
@@ -358,9 +357,7 @@ def quantize_model_dir(
     source_file = m.quantization.source_file if m.quantization else m.image_encoder.file
     spec = m.image_encoder
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp:
         pixels = calibration.pixels(ImagePreprocessor(m.preprocess))
         with tempfile.TemporaryDirectory(prefix="quantize.", dir=tmp) as work:
             preprocessed = _quantize_onnx(
@@ -401,12 +398,6 @@ def quantize_model_dir(
         })
         manifest = type(m).model_validate(manifest.model_dump())  # re-validate the updated copy
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("quantized %s -> %s on %d calibration images (cosine to fp32 min %.4f)",
              source_file, out_dir / QUANTIZED_IMAGE_ONNX, len(calibration.paths), float(cosine.min()))
     return ModelDirectory(out_dir)
