@@ -136,12 +136,6 @@ def pillow_nearest_index(n_in: int, n_out: int) -> list[int]:
     return out
 
 
-def _looks_complete(data: bytes) -> bool:
-    # libjpeg pads a truncated file with grey and nvJPEG may not complain at all, while
-    # Pillow refuses it: a file without SOI ... EOI goes the CPU path, which names it.
-    return len(data) > 4 and data[:2] == b"\xff\xd8" and data.rstrip(b"\0").endswith(b"\xff\xd9")
-
-
 class DeviceJpegPreprocessor:
     """JPEG files -> normalised float32 (N, 3, H, W) on ``device``, as ``ImagePreprocessor``
     would make them from ``decode_image``'s output.
@@ -191,7 +185,8 @@ class DeviceJpegPreprocessor:
             probes = [self._probe(data) for data in jpegs]
         elif len(probes) != len(jpegs):
             raise ValueError(f"{len(probes)} probes for {len(jpegs)} images")
-        todo = [i for i, data in enumerate(jpegs) if probes[i] is not None and _looks_complete(data)]
+        # a probe means probe_jpeg's checks held: SOI ... EOI, headers and scan data sound
+        todo = [i for i in range(len(jpegs)) if probes[i] is not None]
         out_h, out_w = self.cfg.image_size
         out = torch.empty((len(todo), 3, out_h, out_w), dtype=torch.float32, device=self._device)
         done: list[int] = []  # rows of `out` (= positions in todo) that hold an image
