@@ -211,27 +211,26 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_or_demo(model: Path | None) -> Path:
+    """The model directory given, else the cached demo model (trained on first use)."""
+    if model is not None:
+        return model
+    from moderator.model.demo import ensure_demo_model
+
+    return ensure_demo_model(progress=True).model_dir
+
+
 def _cmd_bench_draft(a: argparse.Namespace) -> int:
     from moderator.worker.bench import jpeg_draft_effect
 
-    model = a.model
-    if model is None:
-        from moderator.model.demo import ensure_demo_model
-
-        model = ensure_demo_model(progress=True).model_dir
-    print(json.dumps(jpeg_draft_effect(model, n=a.n, size=a.size, quality=a.quality)))
+    print(json.dumps(jpeg_draft_effect(_model_or_demo(a.model), n=a.n, size=a.size, quality=a.quality)))
     return 0
 
 
 def _cmd_bench_soak(a: argparse.Namespace) -> int:
     from moderator.worker.soak import soak
 
-    model = a.model
-    if model is None:
-        from moderator.model.demo import ensure_demo_model
-
-        model = ensure_demo_model(progress=True).model_dir
-    r = soak(model, a.policy, seconds=a.seconds, rate=a.rate, bootstrap_servers=a.bootstrap_servers,
+    r = soak(_model_or_demo(a.model), a.policy, seconds=a.seconds, rate=a.rate, bootstrap_servers=a.bootstrap_servers,
              redis_url=a.redis_url, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(r))
     print(f"RSS {r['rss_mb_at_start']} MiB at start, {r['rss_mb_middle_third_mean']} -> {r['rss_mb_last_third_mean']} "
