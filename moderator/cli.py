@@ -151,7 +151,21 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_produce(a: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from moderator import produce as prod
+    from moderator.config import KafkaClientSettings
+    from moderator.ingest.access import check_kafka_access
+
+    try:  # the worker's MODERATOR_KAFKA_* variables: bootstrap servers, TLS, SASL
+        kafka = KafkaClientSettings(**({"kafka_bootstrap_servers": a.bootstrap_servers}
+                                       if a.bootstrap_servers else {}))
+    except ValidationError as e:
+        print(f"moderator produce: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    bootstrap, security = kafka.kafka_bootstrap_servers, kafka.kafka_security()
+    check_kafka_access(bootstrap, security, timeout_s=kafka.kafka_startup_timeout_s,
+                       client_id="moderator-produce-check")
 
     envelopes = tuple(a.envelopes.split(","))
     if a.dir:
@@ -162,8 +176,8 @@ def _cmd_produce(a: argparse.Namespace) -> int:
     bad = prod.malformed_events(f"{a.id_prefix or 'bad'}-malformed", a.seed)[: a.malformed] if a.malformed else []
     stream = prod.interleave(good, bad, a.malformed_every)
     if a.create_topic:
-        prod.ensure_topics(a.bootstrap_servers, {a.topic: a.create_topic})
-    report = prod.produce(a.bootstrap_servers, a.topic, stream, rate=a.rate)
+        prod.ensure_topics(bootstrap, {a.topic: a.create_topic}, security)
+    report = prod.produce(bootstrap, a.topic, stream, rate=a.rate, security=security)
     if a.manifest:
         with open(a.manifest, "w") as f:
             for event_id, expect in report.expected.items():
@@ -381,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("produce", help="send input events (image directory or synthetic shapes) to a topic",
                         description="Produce input events for demos, tests and benchmarks. Prints one JSON "
                                     "line with what was sent.")
-    pr.add_argument("--bootstrap-servers", required=True)
+    pr.add_argument("--bootstrap-servers",
+                    help="Kafka (default: MODERATOR_KAFKA_BOOTSTRAP_SERVERS); TLS and SASL come from the "
+                         "worker's MODERATOR_KAFKA_* variables")
     pr.add_argument("--topic", required=True)
     src = pr.add_mutually_exclusive_group(required=True)
     src.add_argument("--dir", type=Path, help="send every image file under this directory")

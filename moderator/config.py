@@ -36,7 +36,52 @@ def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class WorkerSettings(BaseSettings):
+class KafkaClientSettings(BaseSettings):
+    """Where Kafka is and how to log in: shared by the worker and ``moderator produce``."""
+
+    model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True)
+
+    kafka_bootstrap_servers: str = Field(default="localhost:9092", description="Kafka bootstrap servers")
+    kafka_security_protocol: str = Field(
+        default="PLAINTEXT", pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
+        description="Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    kafka_sasl_mechanism: str = Field(
+        default="PLAIN", pattern="^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$",
+        description="SASL mechanism when the protocol is SASL_*")
+    kafka_sasl_username: str = Field(default="", description="SASL user name (from a Secret)")
+    kafka_sasl_password: SecretStr = Field(default=SecretStr(""), description="SASL password (from a Secret)")
+    kafka_ssl_cafile: str = Field(default="", description="CA bundle that signs the brokers' certificates")
+    kafka_ssl_certfile: str = Field(default="", description="client certificate for mutual TLS")
+    kafka_ssl_keyfile: str = Field(default="", description="client private key for mutual TLS")
+    kafka_startup_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="at start, how long to wait for a broker to answer; a refused login or an untrusted "
+                    "certificate fails at the first attempt (about 5 s) with a message naming the setting")
+
+    @model_validator(mode="after")
+    def _kafka_security_complete(self) -> "KafkaClientSettings":
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
+            raise ValueError(f"kafka_security_protocol={self.kafka_security_protocol} needs kafka_sasl_username")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ValueError("kafka_ssl_certfile and kafka_ssl_keyfile go together (mutual TLS)")
+        return self
+
+    def kafka_security(self) -> dict:
+        """kafka-python keyword arguments for the configured security protocol (both clients)."""
+        p = self.kafka_security_protocol
+        kw: dict = {"security_protocol": p}
+        if p.startswith("SASL"):
+            kw.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+                      sasl_plain_password=self.kafka_sasl_password.get_secret_value())
+        if p.endswith("SSL"):
+            for key, value in (("ssl_cafile", self.kafka_ssl_cafile), ("ssl_certfile", self.kafka_ssl_certfile),
+                               ("ssl_keyfile", self.kafka_ssl_keyfile)):
+                if value:
+                    kw[key] = value
+        return kw
+
+
+class WorkerSettings(KafkaClientSettings):
     """Everything ``moderator run`` can be told."""
 
     model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True)
@@ -81,7 +126,6 @@ class WorkerSettings(BaseSettings):
                                   "DCT domain (never below the input size); false: always full size")
 
     # --- Kafka ------------------------------------------------------------------------
-    kafka_bootstrap_servers: str = Field(default="localhost:9092", description="Kafka bootstrap servers")
     input_topic: str = Field(default="images", description="topic of input events")
     consumer_group: str = Field(default="moderator", description="consumer group; replicas share partitions")
     decisions_topic: str = Field(default="decisions", description="every decision")
@@ -104,17 +148,6 @@ class WorkerSettings(BaseSettings):
     linger_ms: int = Field(default=5, ge=0, description="producer batching delay")
     client_id: str = Field(default_factory=_default_worker_id,
                            description="this replica's name (Kafka client id, logs, dead letters)")
-    kafka_security_protocol: str = Field(
-        default="PLAINTEXT", pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
-        description="Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
-    kafka_sasl_mechanism: str = Field(
-        default="PLAIN", pattern="^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$",
-        description="SASL mechanism when the protocol is SASL_*")
-    kafka_sasl_username: str = Field(default="", description="SASL user name (from a Secret)")
-    kafka_sasl_password: SecretStr = Field(default=SecretStr(""), description="SASL password (from a Secret)")
-    kafka_ssl_cafile: str = Field(default="", description="CA bundle that signs the brokers' certificates")
-    kafka_ssl_certfile: str = Field(default="", description="client certificate for mutual TLS")
-    kafka_ssl_keyfile: str = Field(default="", description="client private key for mutual TLS")
     kafka_require_native_crc32c: bool = Field(
         default=True, description="refuse to start when kafka-python would checksum records in pure Python "
                                   "(the crc32c package is missing); false: log, export a 0 and run slowly")
@@ -212,10 +245,6 @@ class WorkerSettings(BaseSettings):
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
         if self.fetch_total_timeout_s < self.fetch_connect_timeout_s:
             raise ValueError("fetch_total_timeout_s must be at least fetch_connect_timeout_s")
-        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
-            raise ValueError(f"kafka_security_protocol={self.kafka_security_protocol} needs kafka_sasl_username")
-        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
-            raise ValueError("kafka_ssl_certfile and kafka_ssl_keyfile go together (mutual TLS)")
         return self
 
     def decode_slots(self) -> int:
@@ -227,17 +256,3 @@ class WorkerSettings(BaseSettings):
 
     def output_topics(self) -> tuple[str, str, str, str]:
         return self.decisions_topic, self.flagged_topic, self.review_topic, self.dead_letter_topic
-
-    def kafka_security(self) -> dict:
-        """kafka-python keyword arguments for the configured security protocol (both clients)."""
-        p = self.kafka_security_protocol
-        kw: dict = {"security_protocol": p}
-        if p.startswith("SASL"):
-            kw.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
-                      sasl_plain_password=self.kafka_sasl_password.get_secret_value())
-        if p.endswith("SSL"):
-            for key, value in (("ssl_cafile", self.kafka_ssl_cafile), ("ssl_certfile", self.kafka_ssl_certfile),
-                               ("ssl_keyfile", self.kafka_ssl_keyfile)):
-                if value:
-                    kw[key] = value
-        return kw

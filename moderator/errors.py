@@ -173,3 +173,17 @@ class DeliveryError(ModeratorError):
     """A record could not be acknowledged by the broker within the delivery timeout."""
 
     reason = "delivery_failed"
+
+
+# --- connecting to the services (at start: the worker exits with a clear message) --------------
+
+
+class ServiceAccessError(ModeratorError):
+    """Kafka or Redis could not be reached or would not let us in, with the settings given.
+
+    ``reason`` says which: ``kafka_auth_failed``, ``kafka_tls_untrusted``, ``kafka_tls_failed``,
+    ``kafka_tls_required``, ``kafka_unreachable``, ``redis_auth_failed``, ``redis_tls_failed``,
+    ``redis_unreachable``.
+    """
+
+    reason = "service_unreachable"

@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -210,12 +210,17 @@ class ProduceReport:
 
 
 def produce(bootstrap_servers: str, topic: str, events: Iterable[OutgoingEvent], *,
-            rate: float | None = None, partition_by_key: bool = True) -> ProduceReport:
-    """Send ``events`` (``rate`` per second, or as fast as possible) and wait for every ack."""
+            rate: float | None = None, partition_by_key: bool = True,
+            security: Mapping[str, object] | None = None) -> ProduceReport:
+    """Send ``events`` (``rate`` per second, or as fast as possible) and wait for every ack.
+
+    ``security``: kafka-python keyword arguments (``KafkaClientSettings.kafka_security()``).
+    """
     from kafka import KafkaProducer  # noqa: PLC0415
 
     producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=True,
-                             linger_ms=5, max_request_size=32 * 1024 * 1024, client_id="moderator-produce")
+                             linger_ms=5, max_request_size=32 * 1024 * 1024, client_id="moderator-produce",
+                             **dict(security or {}))
     expected: dict[str, str] = {}
     sent_at: dict[str, float] = {}
     futures = []
@@ -243,12 +248,14 @@ def produce(bootstrap_servers: str, topic: str, events: Iterable[OutgoingEvent],
     return ProduceReport(len(futures), time.monotonic() - start, expected, total_bytes, sent_at, started_at)
 
 
-def ensure_topics(bootstrap_servers: str, topics: dict[str, int]) -> None:
+def ensure_topics(bootstrap_servers: str, topics: dict[str, int],
+                  security: Mapping[str, object] | None = None) -> None:
     """Create missing topics (name -> partitions, replication 1): demos and benchmarks."""
     from kafka import KafkaAdminClient  # noqa: PLC0415
     from kafka.errors import TopicAlreadyExistsError  # noqa: PLC0415
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="moderator-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="moderator-admin",
+                             **dict(security or {}))
     try:
         existing = set(admin.list_topics())
         missing = {n: {"num_partitions": p, "replication_factor": 1} for n, p in topics.items() if n not in existing}

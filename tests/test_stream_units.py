@@ -277,9 +277,11 @@ def test_kafka_security_settings_reach_the_clients(monkeypatch):
 
 
 def test_the_worker_hands_its_kafka_security_settings_to_both_clients(random_model_dir, monkeypatch):
-    """Not only kafka_security()'s dict: what the worker's producer and consumer are built with."""
+    """Not only kafka_security()'s dict: what the worker's access check, producer and consumer
+    are built with (tests/test_secured_kafka.py does it against a secured broker)."""
     import moderator.ingest.consumer as consumer_module
     import moderator.publish as publish_module
+    import moderator.worker.app as app_module
     from moderator.config import WorkerSettings
     from moderator.demo import DEMO_POLICY
     from moderator.worker.app import Worker
@@ -303,6 +305,11 @@ def test_the_worker_hands_its_kafka_security_settings_to_both_clients(random_mod
         built["consumer"] = kw
         raise Built  # enough: the worker stops starting here
 
+    def check(bootstrap, security, **kw):
+        built["check"] = dict(security)
+        return 0.0
+
+    monkeypatch.setattr(app_module, "check_kafka_access", check)
     monkeypatch.setattr(publish_module, "KafkaProducer", Producer)
     monkeypatch.setattr(consumer_module, "KafkaConsumer", consumer)
     s = WorkerSettings(model_dir=random_model_dir, policy=DEMO_POLICY, http_port=0, http_host="127.0.0.1",
@@ -313,7 +320,7 @@ def test_the_worker_hands_its_kafka_security_settings_to_both_clients(random_mod
         Worker(s).run()
     want = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
             "sasl_plain_username": "svc-moderator", "sasl_plain_password": "s3cret", "ssl_cafile": "/tls/ca.crt"}
-    for client in ("producer", "consumer"):
+    for client in ("check", "producer", "consumer"):
         assert {k: built[client].get(k) for k in want} == want, client
 
 

@@ -12,13 +12,16 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from moderator.devservices._process import (
     LOOPBACK,
@@ -32,6 +35,7 @@ from moderator.devservices._process import (
     wait_until,
 )
 from moderator.devservices.errors import KafkaLibsError, ServiceStartError
+from moderator.devservices.tls import TestPki
 
 KAFKA_VERSION = "4.4.0"
 _BROKER_JAR = f"kafka_2.13-{KAFKA_VERSION}.jar"
@@ -153,15 +157,19 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-def kafka_ready(bootstrap_servers: str, timeout_s: float = 5.0) -> bool:
-    """True when a broker answers metadata requests and at least one broker is unfenced."""
+def kafka_ready(bootstrap_servers: str, timeout_s: float = 5.0, security: Mapping[str, object] | None = None) -> bool:
+    """True when a broker answers metadata requests and at least one broker is unfenced.
+
+    ``security``: kafka-python keyword arguments (``LocalKafka.client_security()``).
+    """
     from kafka import KafkaAdminClient
 
     timeout_ms = int(timeout_s * 1000)
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers,
                                  client_id="moderator-devservices-probe",
-                                 bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms)
+                                 bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms,
+                                 **dict(security or {}))
     except Exception:
         return False
     try:
@@ -181,6 +189,30 @@ def wait_for_kafka(bootstrap_servers: str, timeout_s: float = 30.0) -> None:
         raise ServiceStartError(f"No Kafka broker answered at {bootstrap_servers} within {timeout_s:.0f}s.")
 
 
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """How ``LocalKafka`` secures its client listener (the controller's stays on loopback, plain).
+
+    - ``SASL_SSL``: TLS, and SCRAM-SHA-512 logins for ``users`` (name -> password), created
+      when the storage is formatted (``kafka-storage format --add-scram``); the broker logs in
+      to itself as ``admin``.
+    - ``SSL``: TLS only.
+
+    ``mutual_tls`` makes the broker require a client certificate signed by its CA. The CA
+    and certificates are made at start (``TestPki``) in the broker's workdir.
+    """
+
+    protocol: Literal["SASL_SSL", "SSL"] = "SASL_SSL"
+    mutual_tls: bool = False
+    users: Mapping[str, str] = field(default_factory=lambda: {"moderator": secrets.token_urlsafe(16)})
+    mechanism: Literal["SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL")
+
+
 class LocalKafka:
     """Single-node KRaft Kafka broker+controller on loopback, in a temp dir.
 
@@ -196,19 +228,25 @@ class LocalKafka:
         log_level: root Log4j level (the broker log is ``<workdir>/logs/server.log``).
         libs_dir: broker jars; default ``kafka_libs_dir()``.
         java: the java executable.
+        security: TLS (and SASL) on the client listener; default plaintext. Clients then
+            need ``client_security()`` (kafka-python keyword arguments) or ``settings_env()``
+            (``MODERATOR_KAFKA_*`` variables for a worker).
 
     Extra JVM flags can be passed with ``$MODERATOR_KAFKA_JVM_OPTS``.
     """
 
     def __init__(self, *, heap: str | None = None, startup_timeout: float = 90.0,
                  broker_config: Mapping[str, str] | None = None, log_level: str = "WARN",
-                 libs_dir: Path | None = None, java: str = "java") -> None:
+                 libs_dir: Path | None = None, java: str = "java",
+                 security: BrokerSecurity | None = None) -> None:
         self.heap = heap or os.environ.get("MODERATOR_KAFKA_HEAP", "512m")
         self.startup_timeout = startup_timeout
         self.broker_config = dict(broker_config or {})
         self.log_level = log_level
         self.libs_dir = libs_dir
         self.java = java
+        self.security = security
+        self.pki: TestPki | None = None
         self.port: int | None = None
         self.controller_port: int | None = None
         self._workdir: Workdir | None = None
@@ -221,6 +259,40 @@ class LocalKafka:
         if self.port is None:
             raise RuntimeError("LocalKafka is not started")
         return f"{LOOPBACK}:{self.port}"
+
+    def client_security(self, user: str | None = None, *, password: str | None = None,
+                        cafile: Path | None = None, client_cert: tuple[Path, Path] | None = None) -> dict:
+        """kafka-python keyword arguments for this broker: ``user`` (default: the first of
+        ``security.users``; ``"admin"``: the broker's own), its password unless ``password``
+        says otherwise, the broker's CA unless ``cafile``, and with mutual TLS the client
+        certificate unless ``client_cert`` (cert, key). Plaintext brokers: ``{}``."""
+        sec = self.security
+        if sec is None:
+            return {}
+        if self.pki is None:
+            raise RuntimeError("LocalKafka is not started")
+        kw: dict = {"security_protocol": sec.protocol, "ssl_cafile": str(cafile or self.pki.ca_cert)}
+        if sec.sasl:
+            user = user or next(iter(sec.users))
+            known = sec.admin_password if user == "admin" else sec.users.get(user, "")
+            kw.update(sasl_mechanism=sec.mechanism, sasl_plain_username=user,
+                      sasl_plain_password=known if password is None else password)
+        if sec.mutual_tls or client_cert:
+            cert, key = client_cert or (self.pki.client_cert, self.pki.client_key)
+            kw.update(ssl_certfile=str(cert), ssl_keyfile=str(key))
+        return kw
+
+    def settings_env(self, user: str | None = None, **overrides: object) -> dict[str, str]:
+        """``MODERATOR_KAFKA_*`` environment variables that point a worker (or ``moderator
+        produce``) at this broker, as ``client_security(user, **overrides)`` would."""
+        kw = self.client_security(user, **overrides)  # type: ignore[arg-type]
+        names = {"security_protocol": "KAFKA_SECURITY_PROTOCOL", "sasl_mechanism": "KAFKA_SASL_MECHANISM",
+                 "sasl_plain_username": "KAFKA_SASL_USERNAME", "sasl_plain_password": "KAFKA_SASL_PASSWORD",
+                 "ssl_cafile": "KAFKA_SSL_CAFILE", "ssl_certfile": "KAFKA_SSL_CERTFILE",
+                 "ssl_keyfile": "KAFKA_SSL_KEYFILE"}
+        env = {f"MODERATOR_{names[k]}": str(v) for k, v in kw.items()}
+        env["MODERATOR_KAFKA_BOOTSTRAP_SERVERS"] = self.bootstrap_servers
+        return env
 
     @property
     def workdir(self) -> Path | None:
@@ -245,6 +317,8 @@ class LocalKafka:
         workdir = self._workdir.path
         try:
             self.port, self.controller_port = free_ports(2)
+            if self.security is not None:
+                self.pki = TestPki.create(workdir / "tls")
             props = workdir / "server.properties"
             props.write_text(_render_properties(self._config()))
             self._format_storage(java, libs, props)
@@ -319,8 +393,50 @@ class LocalKafka:
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
         }
+        if self.security is not None:
+            config.update(self._security_config(broker, controller))
         config.update(self.broker_config)
         return config
+
+    def _security_config(self, broker: str, controller: str) -> dict[str, str]:
+        sec, pki = self.security, self.pki
+        assert sec is not None and pki is not None
+        name = sec.protocol  # the listener is named after its protocol
+        config = {
+            "listeners": f"{name}://{broker},CONTROLLER://{controller}",
+            "advertised.listeners": f"{name}://{broker},CONTROLLER://{controller}",
+            "inter.broker.listener.name": name,
+            "listener.security.protocol.map": f"CONTROLLER:PLAINTEXT,{name}:{name}",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(pki.server_keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(pki.ca_cert),
+            # a SASL_SSL listener ignores the unprefixed setting (KIP-684)
+            f"listener.name.{name.lower()}.ssl.client.auth": "required" if sec.mutual_tls else "none",
+        }
+        if sec.sasl:
+            prefix = f"listener.name.{name.lower()}.{sec.mechanism.lower()}"
+            config.update({
+                "sasl.enabled.mechanisms": sec.mechanism,
+                "sasl.mechanism.inter.broker.protocol": sec.mechanism,
+                f"{prefix}.sasl.jaas.config": (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                    f'username="admin" password="{sec.admin_password}";'),
+            })
+        return config
+
+    def _scram_flags(self) -> list[str]:
+        sec = self.security
+        if sec is None or not sec.sasl:
+            return []
+        users = {"admin": sec.admin_password, **sec.users}
+        flags = []
+        for user, password in users.items():
+            if any(c in user + password for c in '"\\,[]='):
+                raise ValueError(f"SCRAM user {user!r}: names and passwords here avoid quotes, "
+                                 "backslashes, commas, brackets and '='")
+            flags += ["--add-scram", f'{sec.mechanism}=[name="{user}",password="{password}"]']
+        return flags
 
     def _log_flags(self) -> list[str]:
         assert self.workdir is not None
@@ -343,7 +459,7 @@ class LocalKafka:
     def _format_storage(self, java: str, libs: Path, props: Path) -> None:
         cmd = [java, "-Xmx256m", "-XX:TieredStopAtLevel=1", *self._log_flags(), "-cp", f"{libs}/*",
                "kafka.tools.StorageTool", "format", "--standalone",
-               "-t", new_cluster_id(), "-c", str(props)]
+               "-t", new_cluster_id(), "-c", str(props), *self._scram_flags()]
         try:
             result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, timeout=120)
@@ -363,7 +479,8 @@ class LocalKafka:
         up = wait_until(lambda: port_open(port), timeout=self.startup_timeout,
                         interval=0.1, abort=died)
         while up and not died() and time.monotonic() < deadline:
-            if kafka_ready(self.bootstrap_servers, timeout_s=min(5.0, max(1.0, deadline - time.monotonic()))):
+            if kafka_ready(self.bootstrap_servers, timeout_s=min(5.0, max(1.0, deadline - time.monotonic())),
+                           security=self.client_security("admin")):
                 return
             time.sleep(0.2)
         if died():

@@ -43,9 +43,10 @@ from moderator.decode import DecodeLimits
 from moderator.encode import ModelDirectory, TextEncoder
 from moderator.encode.factory import TorchOptions, open_image_encoder
 from moderator.encode.onnx_backend import OrtOptions
-from moderator.errors import ModelError
+from moderator.errors import ModelError, ModeratorError
 from moderator.fetch import AddressPolicy, FetchLimits, UrlFetcher
 from moderator.ingest import EventLimits, RebalanceHooks, make_consumer, subscribe
+from moderator.ingest.access import check_kafka_access
 from moderator.ingest.crc import check_native_crc32c
 from moderator.publish import DecisionPublisher, SourceRecord, Topics
 from moderator.worker.commits import OffsetCommitter
@@ -237,7 +238,11 @@ class Worker:
     def run(self) -> int:
         """Serve until ``request_stop()`` (or a fatal delivery error). Returns the exit status."""
         with contextlib.ExitStack() as closing:
-            self._start(closing)
+            try:
+                self._start(closing)
+            except ModeratorError as e:  # the CLI prints it and exits 2; the JSON log says it too
+                log.error("cannot start: %s", e, extra={"event": "fatal", "reason": e.reason})
+                raise
             try:
                 self._consume()
             except Exception as e:
@@ -265,6 +270,12 @@ class Worker:
         if self.embedding_cache is not None:
             closing.callback(self.embedding_cache.close)
         closing.callback(self.stages.shutdown)
+        # A refused login or an untrusted certificate ends the start here, named (exit 2), while
+        # /readyz says not ready; kafka-python alone would retry in its IO thread and log.
+        seconds = check_kafka_access(s.kafka_bootstrap_servers, s.kafka_security(),
+                                     timeout_s=s.kafka_startup_timeout_s, client_id=f"{s.client_id}-check")
+        log.info("kafka reachable", extra={"event": "kafka_access", "seconds": round(seconds, 3),
+                                           "security_protocol": s.kafka_security_protocol})
         self._publisher = DecisionPublisher(s.kafka_bootstrap_servers, Topics(*s.output_topics()),
                                             client_id=s.client_id, linger_ms=s.linger_ms,
                                             delivery_timeout_ms=s.delivery_timeout_ms, security=s.kafka_security())

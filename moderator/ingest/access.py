@@ -1,0 +1,149 @@
+"""Can this process reach Kafka, with these settings? A bounded check with a clear answer.
+
+kafka-python retries a failed bootstrap until its timeout and then says only "Unable to
+bootstrap"; the cause (a refused SASL login, a certificate the CA file does not trust, a
+refused TCP connection) goes to its log. ``check_kafka_access`` listens to that log while
+it bootstraps an admin client, and turns a failure into a ``ServiceAccessError`` that names
+the cause and the setting to look at. A wrong password or an untrusted certificate fails
+after one attempt; a broker that is not up yet is retried until ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import Mapping
+
+from moderator.errors import ServiceAccessError
+
+log = logging.getLogger(__name__)
+
+_ATTEMPT_S = 5.0
+
+
+class _Causes(logging.Handler):
+    """Collects the exceptions kafka-python logs while it (fails to) connect."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else (record.args,)
+        self.errors.extend(a for a in args if isinstance(a, BaseException))
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
+@contextlib.contextmanager
+def _listening():
+    logger = logging.getLogger("kafka")
+    handler = _Causes()
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)  # the causes are logged at WARNING and ERROR
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def explain(errors: list[BaseException], bootstrap: str, security: Mapping[str, object]) -> ServiceAccessError | None:
+    """The first cause among ``errors`` that retrying will not fix, as a ``ServiceAccessError``."""
+    from kafka.errors import AuthorizationError, InvalidReceiveError, SaslAuthenticationFailedError  # noqa: PLC0415
+
+    for err in errors:
+        for e in _chain(err):
+            if isinstance(e, SaslAuthenticationFailedError):
+                return ServiceAccessError(
+                    f"Kafka at {bootstrap} refused the {security.get('sasl_mechanism')} login of user "
+                    f"{security.get('sasl_plain_username')!r}: check MODERATOR_KAFKA_SASL_USERNAME, "
+                    f"MODERATOR_KAFKA_SASL_PASSWORD and MODERATOR_KAFKA_SASL_MECHANISM (broker: {e})",
+                    reason="kafka_auth_failed")
+            if isinstance(e, AuthorizationError):
+                return ServiceAccessError(f"Kafka at {bootstrap} denied access: {e}", reason="kafka_auth_failed")
+            if isinstance(e, ssl.SSLCertVerificationError):
+                cafile = security.get("ssl_cafile") or "the system's CA bundle"
+                return ServiceAccessError(
+                    f"TLS to Kafka at {bootstrap}: the broker's certificate is not trusted by {cafile} "
+                    f"({e.verify_message or e}); set MODERATOR_KAFKA_SSL_CAFILE to the CA that signed it",
+                    reason="kafka_tls_untrusted")
+            if isinstance(e, ssl.SSLError):
+                hint = (" (the broker may require a client certificate: MODERATOR_KAFKA_SSL_CERTFILE and "
+                        "MODERATOR_KAFKA_SSL_KEYFILE)" if not security.get("ssl_certfile") else
+                        " (is the client certificate signed by a CA the broker trusts?)")
+                return ServiceAccessError(f"TLS to Kafka at {bootstrap} failed: {e}{hint}",
+                                          reason="kafka_tls_failed")
+            if isinstance(e, InvalidReceiveError) and _tls_record(e):
+                return ServiceAccessError(
+                    f"Kafka at {bootstrap} answered a plaintext request with a TLS record: it is a TLS "
+                    "listener; set MODERATOR_KAFKA_SECURITY_PROTOCOL to SSL or SASL_SSL (and "
+                    "MODERATOR_KAFKA_SSL_CAFILE)", reason="kafka_tls_required")
+    return None
+
+
+def _tls_record(e: BaseException) -> bool:
+    """kafka-python read a TLS record header (content type 21 or 22, version 3.x) as a frame size."""
+    match = re.search(r"frame length: (\d+)", str(e))
+    return bool(match) and (int(match.group(1)) >> 16) in (0x1503, 0x1603)
+
+
+def check_kafka_access(bootstrap_servers: str, security: Mapping[str, object], *, timeout_s: float = 30.0,
+                       client_id: str = "moderator-access-check") -> float:
+    """Bootstrap an admin client and ask for the cluster's brokers; returns the seconds it took.
+
+    Raises:
+        ServiceAccessError: the login or the TLS handshake failed (after one attempt), or no
+            broker answered within ``timeout_s``; the message names the cause and the settings.
+    """
+    from kafka import KafkaAdminClient  # noqa: PLC0415
+
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = security.get(key)
+        if path and not os.access(str(path), os.R_OK):
+            raise ServiceAccessError(f"MODERATOR_KAFKA_{key.upper()}={path}: no such file, or not readable",
+                                     reason="kafka_tls_failed")
+    started = time.monotonic()
+    deadline = started + timeout_s
+    last: list[BaseException] = []
+    with _listening() as causes:
+        while True:
+            attempt_ms = int(1000 * max(0.5, min(_ATTEMPT_S, deadline - time.monotonic())))
+            admin = None
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id=client_id,
+                                         bootstrap_timeout_ms=attempt_ms, request_timeout_ms=attempt_ms,
+                                         **dict(security))
+                admin.describe_cluster()
+                return time.monotonic() - started
+            except Exception as e:  # noqa: BLE001 - classified below
+                last = [*causes.errors, e]
+            finally:
+                if admin is not None:
+                    with contextlib.suppress(Exception):
+                        admin.close()
+            known = explain(last, bootstrap_servers, security)
+            if known is not None:
+                raise known
+            if time.monotonic() >= deadline:
+                break
+            causes.errors.clear()
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    detail = "; ".join(dict.fromkeys(f"{type(e).__name__}: {e}" for e in last[-4:]))
+    raise ServiceAccessError(f"no Kafka broker answered at {bootstrap_servers} within {timeout_s:.0f} s "
+                             f"(security protocol {security.get('security_protocol', 'PLAINTEXT')}): {detail}",
+                             reason="kafka_unreachable")
