@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
 from moderator import metrics
 from moderator.decide.embeddings import RedisHealth
+from moderator.redis_client import redis_client
 
 KEY_PREFIX = "moderator:image-embedding:v1"
 
@@ -41,12 +43,10 @@ class ImageEmbeddingCache:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int, *, timeout_s: float = 0.5, retry_s: float = 2.0) -> "ImageEmbeddingCache":
-        import redis  # noqa: PLC0415
-
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                      health_check_interval=0)
-        return cls(client, ttl_s, retry_s)
+    def from_url(cls, url: str, ttl_s: int, *, timeout_s: float = 0.5, retry_s: float = 2.0,
+                 options: Mapping[str, object] | None = None) -> "ImageEmbeddingCache":
+        """``options``: user, password and TLS files (``RedisClientSettings.redis_options()``)."""
+        return cls(redis_client(url, options, timeout_s=timeout_s, health_check_interval=0), ttl_s, retry_s)
 
     @property
     def available(self) -> bool:

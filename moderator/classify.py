@@ -47,12 +47,14 @@ class Classifier:
     """A model + policy ready to decide local files."""
 
     def __init__(self, model_dir: Path | str, policy_path: Path | str, *, redis_url: str | None = None,
-                 providers: list[str] | None = None, limits: DecodeLimits = DecodeLimits()) -> None:
+                 providers: list[str] | None = None, limits: DecodeLimits = DecodeLimits(),
+                 redis_options: dict | None = None) -> None:
         self.model_dir = ModelDirectory(model_dir)
         self.image_encoder = ImageEncoder(self.model_dir, providers=providers)
         self.limits = limits
         self.compile = PolicyCompiler(
-            self.model_dir, RedisEmbeddingCache.from_url(redis_url) if redis_url else InProcessCache(),
+            self.model_dir, (RedisEmbeddingCache.from_url(redis_url, options=redis_options) if redis_url
+                             else InProcessCache()),
             lambda: TextEncoder(self.model_dir, providers=providers))
         self.engine = self.compile.engine(load_policy(policy_path))
         self.policy_path = Path(policy_path)

@@ -83,11 +83,20 @@ def _cmd_bench_encoder(a: argparse.Namespace) -> int:
     return 0
 
 
+def _redis_options(url: str | None) -> dict:
+    """User, password and TLS files for ``--redis-url`` from the worker's MODERATOR_REDIS_* variables."""
+    if not url:
+        return {}
+    from moderator.config import RedisClientSettings
+
+    return RedisClientSettings(redis_url=url).redis_options()
+
+
 def _cmd_classify(a: argparse.Namespace) -> int:
     from moderator.classify import Classifier, expand_paths
     from moderator.decode import DecodeLimits
 
-    clf = Classifier(a.model, a.policy, redis_url=a.redis_url,
+    clf = Classifier(a.model, a.policy, redis_url=a.redis_url, redis_options=_redis_options(a.redis_url),
                      limits=DecodeLimits(max_bytes=a.max_bytes, max_pixels=a.max_pixels))
     paths = expand_paths(a.images)
     if not paths:
@@ -121,7 +130,7 @@ def _cmd_evaluate_policy(a: argparse.Namespace) -> int:
     from moderator.classify import Classifier
     from moderator.decide.evaluate import confusion, format_confusion
 
-    clf = Classifier(a.model, a.policy, redis_url=a.redis_url)
+    clf = Classifier(a.model, a.policy, redis_url=a.redis_url, redis_options=_redis_options(a.redis_url))
     matrix = confusion(clf, a.data)
     print(f"policy {clf.engine.policy.version} on {a.data}: rows are labels, columns actions")
     print(format_confusion(matrix))

@@ -81,7 +81,54 @@ class KafkaClientSettings(BaseSettings):
         return kw
 
 
-class WorkerSettings(KafkaClientSettings):
+class RedisClientSettings(BaseSettings):
+    """Where Redis is and how to log in: the worker's caches and ``moderator classify``."""
+
+    model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True)
+
+    redis_url: str | None = Field(
+        default=None, description="Redis for the image-embedding cache and policy embeddings; unset: no Redis")
+    redis_username: str = Field(
+        default="", description="Redis ACL user (Redis 6+); empty: the one in the URL, else `default`")
+    redis_password: SecretStr = Field(
+        default=SecretStr(""), description="Redis password (from a Secret); any characters, unlike one in the "
+                                           "URL; empty: the one in the URL, if any")
+    redis_ssl_ca_file: str = Field(
+        default="", description="with a rediss:// URL: CA bundle that signs the server's certificate "
+                                "(empty: the system's)")
+    redis_ssl_certfile: str = Field(default="", description="with rediss://: client certificate, if Redis asks "
+                                                            "for one (tls-auth-clients)")
+    redis_ssl_keyfile: str = Field(default="", description="with rediss://: the client certificate's key")
+
+    @model_validator(mode="after")
+    def _redis_complete(self) -> "RedisClientSettings":
+        tls = (self.redis_ssl_ca_file, self.redis_ssl_certfile, self.redis_ssl_keyfile)
+        if any(tls) and not (self.redis_url or "").startswith("rediss://"):
+            raise ValueError("redis_ssl_* settings need a rediss:// redis_url (TLS)")
+        if bool(self.redis_ssl_certfile) != bool(self.redis_ssl_keyfile):
+            raise ValueError("redis_ssl_certfile and redis_ssl_keyfile go together")
+        if self.redis_url and self.redis_password.get_secret_value():
+            from urllib.parse import urlsplit  # noqa: PLC0415
+
+            if urlsplit(self.redis_url).password:
+                raise ValueError("a password in redis_url and redis_password: give it in one place")
+        return self
+
+    def redis_options(self) -> dict:
+        """redis-py keyword arguments beyond the URL: user, password, TLS files."""
+        kw: dict = {}
+        if self.redis_username:
+            kw["username"] = self.redis_username
+        if self.redis_password.get_secret_value():
+            kw["password"] = self.redis_password.get_secret_value()
+        for key, value in (("ssl_ca_certs", self.redis_ssl_ca_file), ("ssl_certfile", self.redis_ssl_certfile),
+                           ("ssl_keyfile", self.redis_ssl_keyfile)):
+            if value:
+                kw[key] = value
+        return kw
+
+
+class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     """Everything ``moderator run`` can be told."""
 
     model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True)
@@ -205,8 +252,6 @@ class WorkerSettings(KafkaClientSettings):
     fetch_user_agent: str = Field(default="moderator/0.1 (+image moderation)", description="User-Agent header")
 
     # --- caches -----------------------------------------------------------------------------------
-    redis_url: str | None = Field(
-        default=None, description="Redis for the image-embedding cache and policy embeddings; unset: no Redis")
     image_embedding_cache_ttl_s: int = Field(
         default=86_400, ge=0, description="image-embedding cache TTL (keyed by model + image content, so "
                                           "policy edits keep it); 0 disables the cache")

@@ -79,11 +79,12 @@ class RedisEmbeddingCache:
         self.health = health or RedisHealth()
 
     @classmethod
-    def from_url(cls, url: str, ttl_seconds: int | None = None, timeout: float = 1.0) -> "RedisEmbeddingCache":
-        import redis  # noqa: PLC0415
+    def from_url(cls, url: str, ttl_seconds: int | None = None, timeout: float = 1.0,
+                 options: Mapping[str, object] | None = None) -> "RedisEmbeddingCache":
+        """``options``: user, password and TLS files (``RedisClientSettings.redis_options()``)."""
+        from moderator.redis_client import redis_client  # noqa: PLC0415
 
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        return cls(client, ttl_seconds)
+        return cls(redis_client(url, options, timeout_s=timeout), ttl_seconds)
 
     def get(self, key: str) -> np.ndarray | None:
         try:

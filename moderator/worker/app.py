@@ -49,6 +49,7 @@ from moderator.ingest import EventLimits, RebalanceHooks, make_consumer, subscri
 from moderator.ingest.access import check_kafka_access
 from moderator.ingest.crc import check_native_crc32c
 from moderator.publish import DecisionPublisher, SourceRecord, Topics
+from moderator.redis_client import check_redis_access
 from moderator.worker.commits import OffsetCommitter
 from moderator.worker.http import OpsServer
 from moderator.worker.offsets import OffsetTracker
@@ -130,9 +131,11 @@ class Worker:
         self.model_sha256 = self.model_dir.model_sha256
         self.encoder = open_image_encoder(self.model_dir, s.encoder_backend, ort=ort_options(s),
                                           torch=torch_options(s), device_id=s.gpu_device_id)
+        if s.redis_url:  # a refused login or untrusted certificate ends the start; an outage does not
+            check_redis_access(s.redis_url, s.redis_options(), timeout_s=max(1.0, s.redis_timeout_s))
         self.engine, self._watcher = self._load_policy()
         self.embedding_cache = (
-            ImageEmbeddingCache.from_url(s.redis_url, s.image_embedding_cache_ttl_s,
+            ImageEmbeddingCache.from_url(s.redis_url, s.image_embedding_cache_ttl_s, options=s.redis_options(),
                                          timeout_s=s.redis_timeout_s, retry_s=s.redis_retry_s)
             if s.redis_url and s.image_embedding_cache_ttl_s > 0 else None)
         self.pipeline = Pipeline(
@@ -164,7 +167,8 @@ class Worker:
 
     def _load_policy(self):
         s = self.s
-        prompt_cache = (RedisEmbeddingCache.from_url(s.redis_url, timeout=s.redis_timeout_s)
+        prompt_cache = (RedisEmbeddingCache.from_url(s.redis_url, timeout=s.redis_timeout_s,
+                                                     options=s.redis_options())
                         if s.redis_url else InProcessCache())
         # The text encoder runs on ONNX Runtime's CPU provider whatever the image backend:
         # prompts are embedded once per policy version and cached.

@@ -113,6 +113,7 @@ def test_values_schema_rejects_bad_values(helm, args, message):
     (["--set", "kafka.securityProtocol=SASL_SSL"], "needs kafka.sasl.existingSecret"),
     (["--set", "model.source=volume"], "needs model.volume"),
     (["--set", "redis.existingSecret=redis"], "redis.url is empty"),
+    (["--set", "redis.url=redis://r:6379", "--set", "redis.tls.existingSecret=ca"], "needs a rediss://"),
     (["--set", "kafka.tls.certKey=tls.crt"], "certKey and keyKey"),
 ])
 def test_template_guards(helm, args, message):
@@ -220,7 +221,7 @@ def test_keda_values_scale_on_the_workers_own_consumer_group(helm):
 
 
 def test_credentials_only_come_from_secrets(helm):
-    """SASL and Redis passwords are secretKeyRefs; the Redis URL gets its password by $(VAR) expansion."""
+    """SASL and Redis credentials are secretKeyRefs, each its own setting (never spliced into a URL)."""
     for values in VALUES_FILES:
         manifests = docs(render(helm, values).stdout)
         assert not by_kind(manifests, "Secret"), "the chart never holds credentials itself"
@@ -229,15 +230,18 @@ def test_credentials_only_come_from_secrets(helm):
                 assert "secretKeyRef" in e.get("valueFrom", {}), e
     dep = deployment(helm, CHART / "ci" / "keda-values.yaml")
     env = worker_container(dep)["env"]
-    names = [e["name"] for e in env]
     by = {e["name"]: e for e in env}
     assert by["MODERATOR_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
         "name": "moderator-kafka-user", "key": "password"}
-    assert by["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis"
-    assert by["MODERATOR_REDIS_URL"]["value"] == "rediss://:$(REDIS_PASSWORD)@redis-master.cache:6379/0"
-    assert names.index("REDIS_PASSWORD") < names.index("MODERATOR_REDIS_URL"), "$(VAR) needs VAR defined first"
-    tls = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "kafka-tls")
-    assert tls["secret"]["secretName"] == "kafka-cluster-ca"
+    assert by["MODERATOR_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "redis-password"}
+    assert by["MODERATOR_REDIS_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "redis-username"}
+    assert by["MODERATOR_REDIS_URL"]["value"] == "rediss://redis-master.cache:6379/0"  # no credentials in it
+    assert not any("$(" in e.get("value", "") for e in env), "no credential is spliced into a value"
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["kafka-tls"]["secret"]["secretName"] == "kafka-cluster-ca"
+    assert volumes["redis-tls"]["secret"]["secretName"] == "redis-ca"
+    mounts = {m["name"]: m["mountPath"] for m in worker_container(dep)["volumeMounts"]}
+    assert by["MODERATOR_REDIS_SSL_CA_FILE"]["value"] == mounts["redis-tls"] + "/ca.crt"
 
 
 def test_hpa_values(helm):
@@ -296,7 +300,9 @@ def test_every_env_var_is_a_worker_setting_it_accepts(helm, values, monkeypatch)
     if values.stem == "keda-values":
         assert settings.fetch_allow_networks == ["10.20.0.0/16"]
         assert settings.session_timeout_ms == 15000 and settings.max_event_bytes == 16 * 1024 * 1024
-        assert settings.redis_url == "rediss://:from-secret@redis-master.cache:6379/0"
+        assert settings.redis_url == "rediss://redis-master.cache:6379/0"
+        assert settings.redis_options() == {"username": "from-secret", "password": "from-secret",
+                                            "ssl_ca_certs": "/etc/moderator/redis-tls/ca.crt"}
     if values.stem == "gpu-values":
         assert settings.ort_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
         assert settings.max_batch == 64
