@@ -513,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -520,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ModeratorError as e:
         print(f"moderator {args.command}: error [{e.reason}]: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:  # settings from MODERATOR_* (values are never echoed: they may be secrets)
+        print(f"moderator {args.command}: invalid settings:\n{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

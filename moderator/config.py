@@ -39,7 +39,9 @@ def _default_worker_id() -> str:
 class KafkaClientSettings(BaseSettings):
     """Where Kafka is and how to log in: shared by the worker and ``moderator produce``."""
 
-    model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a validation error would otherwise print every value, passwords included
+    model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True,
+                                      hide_input_in_errors=True)
 
     kafka_bootstrap_servers: str = Field(default="localhost:9092", description="Kafka bootstrap servers")
     kafka_security_protocol: str = Field(
@@ -84,7 +86,9 @@ class KafkaClientSettings(BaseSettings):
 class RedisClientSettings(BaseSettings):
     """Where Redis is and how to log in: the worker's caches and ``moderator classify``."""
 
-    model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a validation error would otherwise print every value, passwords included
+    model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True,
+                                      hide_input_in_errors=True)
 
     redis_url: str | None = Field(
         default=None, description="Redis for the image-embedding cache and policy embeddings; unset: no Redis")
@@ -112,6 +116,11 @@ class RedisClientSettings(BaseSettings):
 
             if urlsplit(self.redis_url).password:
                 raise ValueError("a password in redis_url and redis_password: give it in one place")
+        if self.redis_url and self.redis_username:
+            from urllib.parse import urlsplit  # noqa: PLC0415
+
+            if urlsplit(self.redis_url).username:
+                raise ValueError("a user name in redis_url and redis_username: give it in one place")
         return self
 
     def redis_options(self) -> dict:
@@ -131,7 +140,9 @@ class RedisClientSettings(BaseSettings):
 class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     """Everything ``moderator run`` can be told."""
 
-    model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a validation error would otherwise print every value, passwords included
+    model_config = SettingsConfigDict(env_prefix="MODERATOR_", extra="ignore", validate_default=True,
+                                      hide_input_in_errors=True)
 
     # --- model and policy -------------------------------------------------------
     model_dir: Path = Field(default=Path("/srv/moderator/model"),

@@ -182,8 +182,45 @@ class ServiceAccessError(ModeratorError):
     """Kafka or Redis could not be reached or would not let us in, with the settings given.
 
     ``reason`` says which: ``kafka_auth_failed``, ``kafka_tls_untrusted``, ``kafka_tls_failed``,
-    ``kafka_tls_required``, ``kafka_unreachable``, ``redis_auth_failed``, ``redis_tls_failed``,
-    ``redis_unreachable``.
+    ``kafka_tls_required``, ``kafka_unreachable``, ``redis_auth_failed``, ``redis_tls_untrusted``,
+    ``redis_tls_failed`` (an unreachable Redis is not an error: the caches serve without it).
     """
 
     reason = "service_unreachable"
+
+
+# OpenSSL reasons that retrying will not change: a certificate refused on either side, TLS spoken
+# to a plaintext port, unreadable key material. EOF and syscall errors (a server restarting
+# mid-handshake) are not here: those are outages, retried.
+_PERMANENT_TLS_REASONS = frozenset({
+    "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "TLSV1_ALERT_UNKNOWN_CA", "TLSV1_ALERT_ACCESS_DENIED", "TLSV1_ALERT_PROTOCOL_VERSION",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE", "WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE",
+    "PEM_LIB", "KEY_VALUES_MISMATCH", "NO_START_LINE", "CA_MD_TOO_WEAK", "EE_KEY_TOO_SMALL",
+})
+
+
+def tls_failure(err: BaseException, cafile_setting: str, cafile: object) -> tuple[str, str] | None:
+    """``(kind, explanation)`` when ``err`` (or an exception it wraps) is a TLS failure that retrying
+    will not fix: kind ``untrusted`` (we refuse the server's certificate) or ``failed`` (it refuses
+    ours, or the handshake cannot work); None for anything else, outages included."""
+    import ssl  # noqa: PLC0415
+
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            code, message = e.verify_code, e.verify_message or str(e)
+            if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+                return "untrusted", (f"the server's certificate does not name the host we connect to ({message}); "
+                                     "connect by a name or address in its subject alternative names")
+            if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+                return "untrusted", f"the server's certificate has expired ({message})"
+            return "untrusted", (f"the server's certificate is not trusted by {cafile or 'the system CA bundle'} "
+                                 f"({message}); set {cafile_setting} to the CA that signed it")
+        if isinstance(e, ssl.SSLError) and getattr(e, "reason", None) in _PERMANENT_TLS_REASONS:
+            return "failed", f"{e.reason}: {e}"
+        e = e.__cause__ or e.__context__
+    return None

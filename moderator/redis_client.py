@@ -12,10 +12,9 @@ caches serve without it until it answers.
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Mapping
 
-from moderator.errors import ServiceAccessError
+from moderator.errors import ServiceAccessError, tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +25,6 @@ def redis_client(url: str, options: Mapping[str, object] | None = None, *, timeo
 
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                 **dict(options or {}), **kw)
-
-
-def _chain(err: BaseException | None):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
 
 
 def _where(url: str) -> str:
@@ -53,7 +44,11 @@ def check_redis_access(url: str, options: Mapping[str, object] | None = None, *,
             (``redis_tls_untrusted``, ``redis_tls_failed``): settings to fix, not an outage.
     """
     import redis  # noqa: PLC0415
-    from redis.exceptions import AuthenticationError, ResponseError  # noqa: PLC0415
+    from redis.exceptions import (  # noqa: PLC0415
+        AuthenticationError,
+        AuthenticationWrongNumberOfArgsError,
+        ResponseError,
+    )
 
     options = dict(options or {})
     client = redis_client(url, options, timeout_s=timeout_s)
@@ -61,29 +56,27 @@ def check_redis_access(url: str, options: Mapping[str, object] | None = None, *,
     try:
         client.ping()
         return True
-    except (AuthenticationError, ResponseError) as e:
+    except (AuthenticationError, AuthenticationWrongNumberOfArgsError, ResponseError) as e:
         text = str(e)
-        if isinstance(e, AuthenticationError) or any(w in text for w in ("WRONGPASS", "NOAUTH", "NOPERM")):
+        auth = isinstance(e, (AuthenticationError, AuthenticationWrongNumberOfArgsError))
+        if auth or any(w in text for w in ("WRONGPASS", "NOAUTH", "NOPERM")):
             user = options.get("username") or "default"
+            older = (" (a Redis before 6 has no ACL users: leave MODERATOR_REDIS_USERNAME empty)"
+                     if isinstance(e, AuthenticationWrongNumberOfArgsError) else "")
             raise ServiceAccessError(
-                f"Redis at {where} refused user {user!r} ({text.split(',')[0].rstrip('.')}): check "
+                f"Redis at {where} refused user {user!r} ({text.split(',')[0].rstrip('.')}){older}: check "
                 "MODERATOR_REDIS_USERNAME and MODERATOR_REDIS_PASSWORD (and the user's ACL: it needs PING "
                 "and the cache commands)",
                 reason="redis_auth_failed") from None
-        raise ServiceAccessError(f"Redis at {where} answered PING with an error: {e}",
-                                 reason="redis_unreachable") from None
+        log.warning("Redis at %s answered PING with an error (%s); the caches serve without it until it "
+                    "answers", where, e, extra={"event": "redis_unreachable_at_start"})
+        return False
     except redis.ConnectionError as e:
-        for cause in _chain(e):
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                cafile = options.get("ssl_ca_certs") or "the system's CA bundle"
-                raise ServiceAccessError(
-                    f"TLS to Redis at {where}: its certificate is not trusted by {cafile} "
-                    f"({cause.verify_message or cause}); set MODERATOR_REDIS_SSL_CA_FILE to the CA that signed it",
-                    reason="redis_tls_untrusted") from None
-            if isinstance(cause, ssl.SSLError):
-                raise ServiceAccessError(f"TLS to Redis at {where} failed: {cause}", reason="redis_tls_failed") from None
-        if "SSL" in str(e) or "certificate" in str(e):
-            raise ServiceAccessError(f"TLS to Redis at {where} failed: {e}", reason="redis_tls_failed") from None
+        tls = tls_failure(e, "MODERATOR_REDIS_SSL_CA_FILE", options.get("ssl_ca_certs"))
+        if tls is not None:
+            raise ServiceAccessError(f"TLS to Redis at {where}: {tls[1]}",
+                                     reason="redis_tls_untrusted" if tls[0] == "untrusted" else
+                                     "redis_tls_failed") from None
         log.warning("Redis at %s does not answer (%s); the caches serve without it until it does", where, e,
                     extra={"event": "redis_unreachable_at_start"})
         return False

@@ -41,11 +41,12 @@ def _hits() -> float:
 def test_both_caches_over_tls_with_an_acl_user(secured_redis, random_model_dir, stream_topics, worker_settings,
                                                start_worker, read_outputs, kafka_bootstrap):
     admin = redis.Redis.from_url(secured_redis.url, **secured_redis.client_options("admin"))
-    anonymous = redis.Redis.from_url(secured_redis.url, **secured_redis.client_options("admin", password=""))
+    anonymous = redis.Redis.from_url(secured_redis.url, ssl_ca_certs=str(secured_redis.pki.ca_cert))
     with pytest.raises(redis.AuthenticationError):  # the default user is off: no way in without a login
         anonymous.ping()
     topics = stream_topics(2)
-    settings = worker_settings(random_model_dir, topics, **_settings_from_env(secured_redis), max_batch=8)
+    settings = worker_settings(random_model_dir, topics, **_settings_from_env(secured_redis), max_batch=8,
+                               redis_timeout_s=2.0)  # a TLS handshake on a busy 2-core machine
     assert settings.redis_options()["password"] == PASSWORD
     worker = start_worker(settings)
 
@@ -100,6 +101,11 @@ def test_redis_settings_are_checked():
         WorkerSettings(redis_url="redis://h:6379/0", redis_ssl_ca_file="/ca.pem")
     with pytest.raises(ValidationError, match="give it in one place"):
         WorkerSettings(redis_url="redis://:inurl@h:6379/0", redis_password="separate")
+    with pytest.raises(ValidationError, match="give it in one place"):
+        WorkerSettings(redis_url="redis://alice@h:6379/0", redis_username="bob")
+    with pytest.raises(ValidationError) as info:  # errors never echo the values: they may be secrets
+        WorkerSettings(redis_url="redis://:inurl-secret@h:6379/0", redis_password="other-secret")
+    assert "secret" not in str(info.value)
     with pytest.raises(ValidationError, match="go together"):
         WorkerSettings(redis_url="rediss://h:6379/0", redis_ssl_certfile="/c.pem")
     s = WorkerSettings(redis_url="rediss://h:6379/0", redis_username="u", redis_password="a b@c/d",

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -319,7 +320,8 @@ class LocalKafka:
             self.port, self.controller_port = free_ports(2)
             if self.security is not None:
                 self.pki = TestPki.create(workdir / "tls")
-            props = workdir / "server.properties"
+            props = workdir / "server.properties"  # holds the broker's own SASL password: owner only
+            props.touch(mode=0o600)
             props.write_text(_render_properties(self._config()))
             self._format_storage(java, libs, props)
             self._process = ManagedProcess(
@@ -468,7 +470,7 @@ class LocalKafka:
         if result.returncode != 0:
             raise ServiceStartError(
                 f"Formatting Kafka storage failed (exit {result.returncode}).\n"
-                f"$ {shlex.join(cmd)}\n{_last_lines(result.stdout)}")
+                f"$ {shlex.join(_redact_scram(cmd))}\n{_last_lines(result.stdout)}")
 
     def _wait_ready(self, process: ManagedProcess, port: int) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -494,6 +496,10 @@ class LocalKafka:
         server_log, stdout_log = self.workdir / "logs" / "server.log", self.workdir / "stdout.log"
         return (f"--- {server_log} (tail) ---\n{tail(server_log)}\n"
                 f"--- {stdout_log} (tail) ---\n{tail(stdout_log)}")
+
+
+def _redact_scram(cmd: list[str]) -> list[str]:
+    return [re.sub(r'password="[^"]*"', 'password="***"', part) for part in cmd]
 
 
 def _render_properties(config: Mapping[str, str]) -> str:

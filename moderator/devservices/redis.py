@@ -180,6 +180,7 @@ class LocalRedis:
         if self._workdir is not None:
             self._workdir.remove()
             self._workdir = None
+            self.pki = None  # its files went with the workdir
 
     def _stop_process(self) -> None:
         if self._process is not None:

@@ -14,11 +14,11 @@ import contextlib
 import logging
 import os
 import re
-import ssl
+import threading
 import time
 from collections.abc import Mapping
 
-from moderator.errors import ServiceAccessError
+from moderator.errors import ServiceAccessError, tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,13 @@ class _Causes(logging.Handler):
 
 @contextlib.contextmanager
 def _listening():
+    """Collect what kafka-python logs during the check instead of printing it: its tracebacks
+    of a refused handshake are the causes this check names in one line."""
     logger = logging.getLogger("kafka")
     handler = _Causes()
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
+    logger.propagate = False
     if logger.getEffectiveLevel() > logging.WARNING:
         logger.setLevel(logging.WARNING)  # the causes are logged at WARNING and ERROR
     try:
@@ -52,6 +55,7 @@ def _listening():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _chain(err: BaseException):
@@ -64,10 +68,21 @@ def _chain(err: BaseException):
 
 def explain(errors: list[BaseException], bootstrap: str, security: Mapping[str, object]) -> ServiceAccessError | None:
     """The first cause among ``errors`` that retrying will not fix, as a ``ServiceAccessError``."""
-    from kafka.errors import AuthorizationError, InvalidReceiveError, SaslAuthenticationFailedError  # noqa: PLC0415
+    from kafka.errors import (  # noqa: PLC0415
+        AuthorizationError,
+        IllegalSaslStateError,
+        InvalidReceiveError,
+        SaslAuthenticationFailedError,
+        UnsupportedSaslMechanismError,
+    )
 
     for err in errors:
         for e in _chain(err):
+            if isinstance(e, (UnsupportedSaslMechanismError, IllegalSaslStateError)):
+                return ServiceAccessError(
+                    f"Kafka at {bootstrap} does not accept the SASL mechanism "
+                    f"{security.get('sasl_mechanism')}: check MODERATOR_KAFKA_SASL_MECHANISM (broker: {e})",
+                    reason="kafka_auth_failed")
             if isinstance(e, SaslAuthenticationFailedError):
                 return ServiceAccessError(
                     f"Kafka at {bootstrap} refused the {security.get('sasl_mechanism')} login of user "
@@ -76,17 +91,14 @@ def explain(errors: list[BaseException], bootstrap: str, security: Mapping[str, 
                     reason="kafka_auth_failed")
             if isinstance(e, AuthorizationError):
                 return ServiceAccessError(f"Kafka at {bootstrap} denied access: {e}", reason="kafka_auth_failed")
-            if isinstance(e, ssl.SSLCertVerificationError):
-                cafile = security.get("ssl_cafile") or "the system's CA bundle"
-                return ServiceAccessError(
-                    f"TLS to Kafka at {bootstrap}: the broker's certificate is not trusted by {cafile} "
-                    f"({e.verify_message or e}); set MODERATOR_KAFKA_SSL_CAFILE to the CA that signed it",
-                    reason="kafka_tls_untrusted")
-            if isinstance(e, ssl.SSLError):
+            tls = tls_failure(e, "MODERATOR_KAFKA_SSL_CAFILE", security.get("ssl_cafile"))
+            if tls is not None and tls[0] == "untrusted":
+                return ServiceAccessError(f"TLS to Kafka at {bootstrap}: {tls[1]}", reason="kafka_tls_untrusted")
+            if tls is not None:
                 hint = (" (the broker may require a client certificate: MODERATOR_KAFKA_SSL_CERTFILE and "
                         "MODERATOR_KAFKA_SSL_KEYFILE)" if not security.get("ssl_certfile") else
                         " (is the client certificate signed by a CA the broker trusts?)")
-                return ServiceAccessError(f"TLS to Kafka at {bootstrap} failed: {e}{hint}",
+                return ServiceAccessError(f"TLS to Kafka at {bootstrap} failed: {tls[1]}{hint}",
                                           reason="kafka_tls_failed")
             if isinstance(e, InvalidReceiveError) and _tls_record(e):
                 return ServiceAccessError(
@@ -103,8 +115,9 @@ def _tls_record(e: BaseException) -> bool:
 
 
 def check_kafka_access(bootstrap_servers: str, security: Mapping[str, object], *, timeout_s: float = 30.0,
-                       client_id: str = "moderator-access-check") -> float:
+                       client_id: str = "moderator-access-check", stop: threading.Event | None = None) -> float:
     """Bootstrap an admin client and ask for the cluster's brokers; returns the seconds it took.
+    ``stop`` (set by SIGTERM) ends the waiting between attempts.
 
     Raises:
         ServiceAccessError: the login or the TLS handshake failed (after one attempt), or no
@@ -139,10 +152,14 @@ def check_kafka_access(bootstrap_servers: str, security: Mapping[str, object], *
             known = explain(last, bootstrap_servers, security)
             if known is not None:
                 raise known
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 break
             causes.errors.clear()
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            pause = min(1.0, max(0.0, deadline - time.monotonic()))
+            if stop is not None:
+                stop.wait(pause)
+            else:
+                time.sleep(pause)
     detail = "; ".join(dict.fromkeys(f"{type(e).__name__}: {e}" for e in last[-4:]))
     raise ServiceAccessError(f"no Kafka broker answered at {bootstrap_servers} within {timeout_s:.0f} s "
                              f"(security protocol {security.get('security_protocol', 'PLAINTEXT')}): {detail}",

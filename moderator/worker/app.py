@@ -382,7 +382,11 @@ def run_worker(settings: WorkerSettings) -> int:
     from moderator.worker.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(settings.log_level, settings.log_json, {"worker": settings.client_id})
-    worker = Worker(settings)
+    try:
+        worker = Worker(settings)
+    except ModeratorError as e:  # model, policy, Redis credentials: the CLI prints it and exits 2
+        log.error("cannot start: %s", e, extra={"event": "fatal", "reason": e.reason})
+        raise
     signals = {"n": 0}
 
     def on_signal(signum, _frame) -> None:

@@ -114,6 +114,7 @@ def test_values_schema_rejects_bad_values(helm, args, message):
     (["--set", "model.source=volume"], "needs model.volume"),
     (["--set", "redis.existingSecret=redis"], "redis.url is empty"),
     (["--set", "redis.url=redis://r:6379", "--set", "redis.tls.existingSecret=ca"], "needs a rediss://"),
+    (["--set", "redis.url=redis://r:6379", "--set", "redis.usernameKey=user"], "needs redis.existingSecret"),
     (["--set", "kafka.tls.certKey=tls.crt"], "certKey and keyKey"),
 ])
 def test_template_guards(helm, args, message):

@@ -63,6 +63,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and .Values.redis.existingSecret (empty .Values.redis.url) -}}
 {{- fail "redis.existingSecret is set but redis.url is empty" -}}
 {{- end -}}
+{{- if and .Values.redis.usernameKey (empty .Values.redis.existingSecret) -}}
+{{- fail "redis.usernameKey needs redis.existingSecret (the Secret that holds the user name)" -}}
+{{- end -}}
 {{- if and .Values.redis.tls.existingSecret (not (hasPrefix "rediss://" .Values.redis.url)) -}}
 {{- fail "redis.tls.existingSecret needs a rediss:// redis.url (TLS)" -}}
 {{- end -}}
