@@ -30,7 +30,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
         from moderator.model.quantize import export_quantized
 
         md = export_quantized(load, a.out, a.calibration_dir, precision=a.precision,
-                              calibration_images=a.calibration_images, overwrite=a.overwrite)
+                              calibration_images=a.calibration_images, reduce_range=not a.full_range,
+                              overwrite=a.overwrite)
     q = md.manifest.quantization
     print(json.dumps({**md.describe(), **({"quantization": q.model_dump()} if q else {})}, indent=2))
     return 0
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a static QDQ int8 image encoder (text encoder stays fp32); needs --calibration-dir")
     e.add_argument("--calibration-dir", type=Path,
                    help="typical input images (files directly in DIR) that fix the int8 activation ranges")
+    e.add_argument("--full-range", action="store_true",
+                   help="8-bit weights instead of 7 (only for fleets whose CPUs all have VNNI, or ARM: without "
+                        "VNNI, ONNX Runtime's int8 kernels saturate on them)")
     e.add_argument("--calibration-images", type=int, default=200,
                    help="calibration images to use, at most (default: %(default)s)")
     e.set_defaults(func=_cmd_export)

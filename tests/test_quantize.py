@@ -110,7 +110,7 @@ def test_manifest_records_quantization_and_verifies(int8_dir, fp32_dir, calibrat
     assert m.files[m.text_encoder.file] == src.manifest.files[m.text_encoder.file]
     assert md.model_sha256 != src.model_sha256
     assert q.method == "static_qdq_int8" and q.weight_type == "int8" and q.activation_type == "uint8"
-    assert q.per_channel is True and q.calibrate_method == "minmax"
+    assert q.per_channel is True and q.calibrate_method == "minmax" and q.reduce_range is True
     assert q.onnxruntime == ort.__version__
     # every decodable image was used (fewer than the default 200); the two others were skipped
     assert (q.calibration_images, q.calibration_skipped) == (CALIBRATION_IMAGES, 2)
