@@ -218,6 +218,21 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"moderator bench-worker: --set takes SETTING=VALUE, not {kv!r}")
         overrides[key.strip().lower().removeprefix("moderator_")] = value
+    if a.compare_guarantees:
+        from moderator.worker.bench import bench_guarantees
+
+        if a.source != "kafka":
+            raise SystemExit("moderator bench-worker: --compare-guarantees needs --source kafka")
+        r = bench_guarantees(a.model, a.policy, rounds=a.compare_guarantees, events=a.events, image=a.image,
+                             size=a.size, envelope=a.envelope, unique_images=a.unique_images, max_batch=a.max_batch,
+                             max_wait_ms=a.max_wait_ms, partitions=a.partitions, encoder_seconds=a.encoder_seconds,
+                             bootstrap_servers=a.bootstrap_servers, backend=a.backend, overrides=overrides,
+                             log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(r))
+        print(f"exactly-once {r['median_decisions_per_s']['exactly_once']} decisions/s, at-least-once "
+              f"{r['median_decisions_per_s']['at_least_once']} (medians of {r['rounds']} interleaved rounds): "
+              f"ratio {r['ratio_exactly_once_to_at_least_once']:.2f}", file=sys.stderr)
+        return 0
     r = bench_worker(a.model, a.policy, source=a.source, events=a.events, image=a.image, size=a.size,
                      envelope=a.envelope, unique_images=a.unique_images,
                      max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
@@ -467,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="py-spy the measured phase: FILE.svg flame graph, else collapsed stacks (+ top frames)")
     bw.add_argument("--profile-gil", action="store_true",
                     help="with --profile: sample only the thread holding the GIL")
+    bw.add_argument("--compare-guarantees", type=int, metavar="ROUNDS",
+                    help="run at_least_once and exactly_once in turn, ROUNDS times each, through one broker, "
+                         "and report the ratio of their medians")
     bw.add_argument("--bootstrap-servers", help="use this Kafka instead of starting one")
     bw.set_defaults(func=_cmd_bench_worker)
 

@@ -200,6 +200,19 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     max_poll_interval_ms: int = Field(default=300_000, ge=1000, description="max time between polls")
     poll_max_records: int = Field(default=256, ge=1, description="records taken per poll")
     commit_interval_ms: int = Field(default=500, ge=10, description="how often acknowledged offsets commit")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        default="at_least_once",
+        description="at_least_once: offsets commit after the outputs are acknowledged (a crash can repeat "
+                    "decisions); exactly_once: each batch's outputs and offsets commit in one Kafka transaction "
+                    "(readers must use isolation.level=read_committed)")
+    transactional_id: str = Field(
+        default="", description="exactly_once: this replica's transactional id, unique among live replicas; "
+                                "empty: moderator-<consumer_group>-<client_id>. A stable one (a StatefulSet pod "
+                                "name) lets a restarted replica end its predecessor's open transaction at once")
+    transaction_timeout_ms: int = Field(
+        default=30_000, ge=1000, le=900_000,
+        description="exactly_once: the broker aborts a transaction open this long (a crashed replica's); "
+                    "read_committed readers of its partitions wait at most this long")
     delivery_timeout_ms: int = Field(
         default=120_000, ge=1000,
         description="how long the producer retries a record before the worker gives up and stops")
@@ -309,6 +322,9 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
             return self.decode_concurrency
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return min(4, max(1, cpus - 1))
+
+    def resolved_transactional_id(self) -> str:
+        return self.transactional_id or f"moderator-{self.consumer_group}-{self.client_id}"
 
     def output_topics(self) -> tuple[str, str, str, str]:
         return self.decisions_topic, self.flagged_topic, self.review_topic, self.dead_letter_topic

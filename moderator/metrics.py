@@ -58,6 +58,15 @@ STAGE_SECONDS = Histogram(
 BATCH_SIZE = Histogram(
     "moderator_batch_size", "Records per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 )
+TRANSACTIONS = Counter(
+    "moderator_transactions_total",
+    "Exactly-once mode: batch transactions by result (committed, aborted: the batch is redone, fenced)",
+    ["result"],
+)
+TRANSACTION_SECONDS = Histogram(
+    "moderator_transaction_seconds", "Exactly-once mode: one batch's transaction, begin to commit",
+    buckets=_STAGE_BUCKETS,
+)
 ENCODE_BATCH_SECONDS = Histogram(
     "moderator_encode_batch_seconds", "Image encoder time per batch", buckets=_STAGE_BUCKETS
 )

@@ -246,7 +246,8 @@ def send_records(kafka_bootstrap: str):
 
 @pytest.fixture
 def read_outputs(kafka_bootstrap: str):
-    """``read(topics, expected_inputs, timeout_s=60, bootstrap=None) -> {topic: [(record, json)]}``.
+    """``read(topics, expected_inputs, timeout_s=60, bootstrap=None, isolation_level="read_uncommitted")
+    -> {topic: [(record, json)]}`` (``read_committed``: what exactly-once readers see).
 
     Reads from the beginning until the decisions and dead-letter topics together
     name ``expected_inputs`` distinct inputs (then one more poll for stragglers).
@@ -256,10 +257,12 @@ def read_outputs(kafka_bootstrap: str):
 
     from kafka import KafkaConsumer
 
-    def read(topics, expected_inputs: int, timeout_s: float = 60.0, bootstrap: str | None = None) -> dict:
+    def read(topics, expected_inputs: int, timeout_s: float = 60.0, bootstrap: str | None = None,
+             isolation_level: str = "read_uncommitted") -> dict:
         names = [topics.decisions, topics.flagged, topics.review, topics.dead_letter]
         consumer = KafkaConsumer(*names, bootstrap_servers=bootstrap or kafka_bootstrap,
-                                 auto_offset_reset="earliest", enable_auto_commit=False)
+                                 auto_offset_reset="earliest", enable_auto_commit=False,
+                                 isolation_level=isolation_level)
         out: dict = {n: [] for n in names}
         inputs: set = set()
         deadline = _time.monotonic() + timeout_s

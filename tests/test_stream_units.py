@@ -159,12 +159,51 @@ def test_work_from_a_revoked_assignment_is_never_committed():
     assert t.revoke({tp}) == 1 and t.in_flight == 0
     assert t.track(tp, 1) is None  # not ours any more
     t.assign({tp})  # back again (eager rebalance): a new epoch
+    # kafka-python kept its position (past offset 0, dropped at the revoke): seek back first
+    assert t.pending_rewinds() == {tp: 0} and t.track(tp, 1) is None
+    t.rewound(tp, 0)
     new = t.track(tp, 0)
     assert new != old and not t.is_live(tp, old)
     assert t.done(tp, 0, old) is False
     assert t.to_commit() == {}
     assert t.done(tp, 0, new) is True and t.to_commit()[tp].offset == 1
     assert t.track(tp, 0) is None and t.in_flight == 0  # redelivered within the assignment: already done
+
+
+def test_a_rewind_drops_later_work_and_waits_for_the_seek():
+    """Exactly-once: a batch's transaction aborted; its partition reads again from the batch."""
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    t = OffsetTracker()
+    t.assign({tp, other})
+    epochs = {off: t.track(tp, off, 5) for off in range(10, 16)}
+    t.track(other, 3, 5)
+    t.rewind({tp: 10})
+    assert t.in_flight == 1 and t.in_flight_bytes == 5  # the other partition's record is still pending
+    assert not t.is_live(tp, epochs[14])  # later batches of it are dropped, unpublished
+    assert t.pending_rewinds() == {tp: 10}
+    assert t.track(tp, 16) is None  # fetched before the consumer seeked: ignored
+    t.rewound(tp, 11)  # not the pending offset: still pending
+    assert t.pending_rewinds() == {tp: 10}
+    t.rewound(tp, 10)
+    again = t.track(tp, 10)
+    assert again is not None and again != epochs[10] and t.pending_rewinds() == {}
+    assert t.done(tp, 10, again) and t.to_commit()[tp].offset == 11
+
+
+def test_redo_points_survive_one_rebalance_only_and_never_a_loss():
+    tp = TopicPartition("t", 0)
+    t = OffsetTracker()
+    t.assign({tp})
+    e = t.track(tp, 7)
+    t.track(tp, 8)
+    t.done(tp, 7, e)
+    t.revoke({tp})
+    t.assign(set())  # it went elsewhere: forget where we were
+    t.assign({tp})  # a later rebalance brings it back: kafka-python starts it from the group's commit
+    assert t.pending_rewinds() == {}
+    t.revoke({tp}, remember=False)  # lost (not revoked): nothing to remember either
+    t.assign({tp})
+    assert t.pending_rewinds() == {}
 
 
 # --- SSRF address policy (no connections: vet() never connects) ------------------------------

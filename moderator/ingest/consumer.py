@@ -83,6 +83,9 @@ def make_consumer(settings: WorkerSettings) -> KafkaConsumer:
         # Fail fast and retry from the poll loop instead of hanging in one call.
         request_timeout_ms=max(15_000, settings.session_timeout_ms + 5_000),
         reconnect_backoff_max_ms=2_000,
+        # exactly-once: skip aborted outputs of upstream transactions, and (KIP-447) wait for a
+        # partition's previous owner's pending transactional offsets before reading from them
+        isolation_level="read_committed" if settings.processing_guarantee == "exactly_once" else "read_uncommitted",
         **settings.kafka_security(),
     )
 

@@ -117,8 +117,13 @@ class _AllAcked:
 class DecisionPublisher:
     def __init__(self, bootstrap_servers: str, topics: Topics = Topics(), *, client_id: str = "moderator",
                  linger_ms: int = 5, delivery_timeout_ms: int = 120_000, max_request_size: int = 4 * 1048576,
-                 security: dict | None = None, producer: KafkaProducer | None = None) -> None:
+                 security: dict | None = None, producer: KafkaProducer | None = None,
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
         self.topics = topics
+        txn: dict = {}
+        if transactional_id:  # exactly-once: a record may not outlive the transaction it belongs to
+            txn = {"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms}
+            delivery_timeout_ms = min(delivery_timeout_ms, transaction_timeout_ms)
         self.producer = producer or KafkaProducer(
             bootstrap_servers=bootstrap_servers,
             client_id=f"{client_id}-producer",
@@ -129,6 +134,7 @@ class DecisionPublisher:
             request_timeout_ms=min(30_000, delivery_timeout_ms - linger_ms - 1),
             max_request_size=max_request_size,
             reconnect_backoff_max_ms=2_000,
+            **txn,
             **(security or {}),
         )
 

@@ -54,6 +54,7 @@ from moderator.worker.commits import OffsetCommitter
 from moderator.worker.http import OpsServer
 from moderator.worker.offsets import OffsetTracker
 from moderator.worker.pipeline import BatchStages, Pipeline, WorkerStats, WorkItem
+from moderator.worker.transactions import BatchTransactions
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,10 @@ class Worker:
         s = self.s = settings
         self.stats = WorkerStats()
         self.tracker = OffsetTracker()
+        self.exactly_once = s.processing_guarantee == "exactly_once"
         self.committer = OffsetCommitter(self.tracker, commit_interval_ms=s.commit_interval_ms,
-                                         revoke_wait_ms=s.revoke_wait_ms)
+                                         revoke_wait_ms=s.revoke_wait_ms, commits=not self.exactly_once)
+        self.transactions: BatchTransactions | None = None
         self.ready_event = self.committer.assigned_once
         self._stop = threading.Event()
         self._deadline: float | None = None  # set when draining starts (shutdown_grace_s)
@@ -277,13 +280,24 @@ class Worker:
         # A refused login or an untrusted certificate ends the start here, named (exit 2), while
         # /readyz says not ready; kafka-python alone would retry in its IO thread and log.
         seconds = check_kafka_access(s.kafka_bootstrap_servers, s.kafka_security(),
-                                     timeout_s=s.kafka_startup_timeout_s, client_id=f"{s.client_id}-check")
+                                     timeout_s=s.kafka_startup_timeout_s, client_id=f"{s.client_id}-check",
+                                     stop=self._stop)
         log.info("kafka reachable", extra={"event": "kafka_access", "seconds": round(seconds, 3),
                                            "security_protocol": s.kafka_security_protocol})
-        self._publisher = DecisionPublisher(s.kafka_bootstrap_servers, Topics(*s.output_topics()),
-                                            client_id=s.client_id, linger_ms=s.linger_ms,
-                                            delivery_timeout_ms=s.delivery_timeout_ms, security=s.kafka_security())
+        self._publisher = DecisionPublisher(
+            s.kafka_bootstrap_servers, Topics(*s.output_topics()), client_id=s.client_id, linger_ms=s.linger_ms,
+            delivery_timeout_ms=s.delivery_timeout_ms, security=s.kafka_security(),
+            transactional_id=s.resolved_transactional_id() if self.exactly_once else None,
+            transaction_timeout_ms=s.transaction_timeout_ms)
         self.pipeline.publisher = self._publisher
+        if self.exactly_once:
+            self.transactions = BatchTransactions(
+                self._publisher.producer, lambda: self._consumer.group_metadata(), self.tracker,
+                timeout_s=s.transaction_timeout_ms / 1000, on_done=self.pipeline.complete)
+            self.transactions.init()
+            self.pipeline.commit_on_ack = False
+            self.pipeline.send_failed = self.transactions.send_failed
+            self.stages.transactions = self.transactions
         closing.callback(self._close_producer)
         self._consumer = make_consumer(s)
         self.committer.attach(self._consumer)
@@ -302,6 +316,7 @@ class Worker:
     def _consume(self) -> None:
         s, consumer = self.s, self._consumer
         while not self._stop.is_set():
+            self._seek_rewinds()
             room = s.max_in_flight - self.tracker.in_flight
             if room <= 0 or self.tracker.in_flight_bytes >= s.max_in_flight_bytes:
                 assigned = consumer.assignment()
@@ -321,6 +336,20 @@ class Worker:
             metrics.IN_FLIGHT.set(self.tracker.in_flight)
             metrics.IN_FLIGHT_BYTES.set(self.tracker.in_flight_bytes)
             self.committer.tick()
+
+    def _seek_rewinds(self) -> None:
+        """Partitions to read again from an offset: a batch whose transaction aborted
+        (exactly-once), or work dropped at a revoke when the rebalance gave the partition
+        straight back (kafka-python kept its position past that work)."""
+        for tp, offset in self.tracker.pending_rewinds().items():
+            try:
+                self._consumer.seek(tp, offset)
+            except Exception as e:  # not assigned at this instant (a rebalance): try again next poll
+                log.info("rewind of %s/%s to %d deferred: %s", tp.topic, tp.partition, offset, e)
+                continue
+            self.tracker.rewound(tp, offset)
+            log.info("rewound %s/%s to %d", tp.topic, tp.partition, offset,
+                     extra={"event": "rewound", "partition": f"{tp.topic}/{tp.partition}", "offset": offset})
 
     def _ingest(self, tp: TopicPartition, rec) -> None:
         metrics.EVENTS_CONSUMED.labels(topic=tp.topic).inc()

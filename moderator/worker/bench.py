@@ -444,6 +444,37 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
     return result
 
 
+# --- delivery guarantees: what exactly-once costs ------------------------------------------------
+
+
+def bench_guarantees(model_dir: Path | str, policy: Path | str, *, rounds: int = 2,
+                     bootstrap_servers: str | None = None, overrides: dict | None = None, log=print,
+                     **kwargs) -> dict:
+    """The worker through one broker in both delivery modes, interleaved (at-least-once,
+    exactly-once, at-least-once, ...: the machine's drift falls on both), each round a fresh
+    topic and group; returns each mode's rates, their medians and the exactly-once /
+    at-least-once ratio."""
+    import statistics  # noqa: PLC0415
+
+    modes = ("at_least_once", "exactly_once")
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    with contextlib.ExitStack() as stack:
+        if bootstrap_servers is None:
+            from moderator.devservices import services  # noqa: PLC0415
+
+            bootstrap_servers = stack.enter_context(services(kafka=True, redis=False)).kafka_bootstrap
+        for r in range(rounds):
+            for mode in modes:
+                log(f"round {r + 1}/{rounds}: {mode} ...")
+                res = bench_worker(model_dir, policy, source="kafka", bootstrap_servers=bootstrap_servers,
+                                   overrides={**(overrides or {}), "processing_guarantee": mode}, log=log, **kwargs)
+                rates[mode].append(res["worker_decisions_per_s"])
+    median = {m: round(statistics.median(v), 1) for m, v in rates.items()}
+    return {"decisions_per_s": rates, "median_decisions_per_s": median,
+            "ratio_exactly_once_to_at_least_once": round(median["exactly_once"] / median["at_least_once"], 3),
+            "rounds": rounds, "cpus": os.cpu_count()}
+
+
 # --- JPEG draft: what the DCT-domain downscale costs in accuracy and pixels ----------------------
 
 

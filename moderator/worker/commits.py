@@ -26,8 +26,11 @@ def _names(tps: set[TopicPartition]) -> list[str]:
 
 
 class OffsetCommitter:
-    def __init__(self, tracker: OffsetTracker, *, commit_interval_ms: int, revoke_wait_ms: int) -> None:
+    def __init__(self, tracker: OffsetTracker, *, commit_interval_ms: int, revoke_wait_ms: int,
+                 commits: bool = True) -> None:
         self.tracker = tracker
+        # False in exactly-once mode: offsets commit inside each batch's transaction, never here
+        self.commits = commits
         self.consumer = None  # set by attach(): the hooks are registered before it exists
         self.assigned_once = threading.Event()
         self.closing = False
@@ -48,6 +51,8 @@ class OffsetCommitter:
             self._next = time.monotonic() + self._interval_s
 
     def commit(self) -> None:
+        if not self.commits:
+            return
         offsets = self.tracker.to_commit()
         if not offsets:
             return
@@ -90,7 +95,7 @@ class OffsetCommitter:
         blocking the consumer's event loop."""
         if not tps:
             return
-        offsets = self.tracker.to_commit(tps)
+        offsets = self.tracker.to_commit(tps) if self.commits else {}
         if offsets and not self.closing:
             try:
                 self.consumer.commit_async(offsets)
@@ -102,7 +107,7 @@ class OffsetCommitter:
         self._forget(tps, "lost")  # no longer ours: committing would be refused anyway
 
     def _forget(self, tps: set[TopicPartition], why: str) -> None:
-        dropped = self.tracker.revoke(tps)
+        dropped = self.tracker.revoke(tps, remember=why == "revoked")
         metrics.REBALANCES.labels(event=why).inc(len(tps))
         if dropped:
             metrics.DROPPED_ON_REVOKE.inc(dropped)

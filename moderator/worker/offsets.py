@@ -9,6 +9,14 @@ Partitions carry an *epoch* that changes whenever they are assigned or revoked.
 Work that started under an older epoch can still finish (its outputs are
 published) but it is never committed: after a rebalance the new owner starts
 from the last commit and redoes it.
+
+That includes this worker when a rebalance hands it back the partitions it just
+gave up: kafka-python 3 keeps a partition's fetch position across a rebalance that
+leaves it with the same member, so without a seek the records dropped at the revoke
+would be skipped. ``revoke`` remembers where each partition must be redone from
+(the first offset not done), the next ``assign`` turns that into a pending rewind,
+and the consumer thread seeks there (``pending_rewinds`` / ``rewound``) before it
+tracks anything of the partition again.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class _Partition:
     position: int | None = None  # next offset to commit (all below are done)
     committed: int | None = None  # last position handed to a commit
     consumed: int | None = None  # next offset to consume
+    rewind_to: int | None = None  # exactly-once: seek here before tracking anything (an aborted batch)
 
 
 class OffsetTracker:
@@ -40,6 +49,7 @@ class OffsetTracker:
         self._cond = threading.Condition()
         self._in_flight = 0
         self._in_flight_bytes = 0
+        self._redo: dict[TopicPartition, int] = {}  # revoked -> redo from here if assigned back at once
 
     # -- assignment --------------------------------------------------------------------
 
@@ -47,22 +57,54 @@ class OffsetTracker:
         with self._cond:
             for tp in tps:
                 self._epoch += 1
-                self._parts[tp] = _Partition(self._epoch)
+                # given back at once: the consumer kept its position, which may be past dropped work
+                self._parts[tp] = _Partition(self._epoch, rewind_to=self._redo.get(tp))
+            self._redo.clear()  # a partition that went elsewhere starts from the group's commit
 
-    def revoke(self, tps: Iterable[TopicPartition]) -> int:
-        """Forget the partitions; returns how many records were still pending."""
+    def revoke(self, tps: Iterable[TopicPartition], *, remember: bool = True) -> int:
+        """Forget the partitions; returns how many records were still pending. ``remember``:
+        where each must be redone from, should the next assignment give it straight back."""
         dropped = 0
         with self._cond:
             for tp in tps:
                 p = self._parts.pop(tp, None)
                 if p is None:
                     continue
+                redo = p.rewind_to if p.rewind_to is not None else p.position
+                if remember and redo is not None:
+                    self._redo[tp] = redo
                 pending = len(p.sizes)
                 dropped += pending
                 self._in_flight -= pending
                 self._in_flight_bytes -= sum(p.sizes.values())
             self._cond.notify_all()
         return dropped
+
+    def rewind(self, firsts: dict[TopicPartition, int]) -> None:
+        """An aborted transaction: each partition starts again at its offset under a new epoch
+        (work of the old epoch still in the pipeline is dropped, unpublished), and records are
+        ignored until the consumer thread has seeked there (``pending_rewinds``/``rewound``)."""
+        with self._cond:
+            for tp, offset in firsts.items():
+                p = self._parts.get(tp)
+                if p is None:
+                    continue
+                self._in_flight -= len(p.sizes)
+                self._in_flight_bytes -= sum(p.sizes.values())
+                self._epoch += 1
+                self._parts[tp] = _Partition(self._epoch, rewind_to=offset)
+            self._cond.notify_all()
+
+    def pending_rewinds(self) -> dict[TopicPartition, int]:
+        with self._cond:
+            return {tp: p.rewind_to for tp, p in self._parts.items() if p.rewind_to is not None}
+
+    def rewound(self, tp: TopicPartition, offset: int) -> None:
+        """The consumer has seeked ``tp`` to ``offset``: track its records again."""
+        with self._cond:
+            p = self._parts.get(tp)
+            if p is not None and p.rewind_to == offset:
+                p.rewind_to = None
 
     def assigned(self) -> set[TopicPartition]:
         with self._cond:
@@ -74,7 +116,7 @@ class OffsetTracker:
         """Register a consumed record; returns its epoch, or None if the partition is not ours."""
         with self._cond:
             p = self._parts.get(tp)
-            if p is None:
+            if p is None or p.rewind_to is not None:  # not ours, or fetched before a pending rewind's seek
                 return None
             if offset in p.sizes or offset in p.done or (p.position is not None and offset < p.position):
                 return None  # delivered again within this assignment (a reset or seek): already handled

@@ -78,6 +78,7 @@ class Prepared:
     stale: bool = False
     done: bool = False  # prepared (or failed): ready for finish
     published: bool = False
+    acked: bool = False  # every output record acknowledged by the broker
     timings: dict = field(default_factory=dict)
 
 
@@ -163,6 +164,11 @@ class Pipeline:
         self.on_fatal = on_fatal
         self.device_jpeg = device_jpeg  # GPU decode (torch on CUDA), or None
         self.publisher: Publisher | None = None
+        # At-least-once: an input is done when its outputs are acknowledged. Exactly-once: when
+        # the batch's transaction commits (``BatchTransactions`` calls ``complete``), and a failed
+        # send aborts the transaction (``send_failed``) instead of stopping the worker.
+        self.commit_on_ack = True
+        self.send_failed: Callable[[Exception], None] | None = None
 
     # -- prepare (pool threads) ------------------------------------------------------------------
 
@@ -366,20 +372,33 @@ class Pipeline:
 
     def _acked_cb(self, p: Prepared):
         def acked() -> None:
-            item = p.item
-            if not self.tracker.done(item.tp, item.source.offset, item.epoch):
-                return  # revoked meanwhile: published, but the new owner decides it again
-            now = time.time()
-            metrics.END_TO_END_SECONDS.labels(clock="consumed").observe(max(0.0, now - item.consumed_wall))
-            if self.stats.latencies is not None:
-                self.stats.latencies.append(now - item.consumed_wall)
-            if p.event is not None and p.event.created_at is not None:
-                metrics.END_TO_END_SECONDS.labels(clock="created_at").observe(max(0.0, now - p.event.created_at))
-            self.stats.last_acked_at = now
-            self.stats.add(inputs_acked=1)
+            p.acked = True
+            if self.commit_on_ack:
+                self._complete(p)
         return acked
 
+    def complete(self, prepared: list[Prepared]) -> None:
+        """Exactly-once: the batch's transaction committed; its inputs are done."""
+        for p in prepared:
+            self._complete(p)
+
+    def _complete(self, p: Prepared) -> None:
+        item = p.item
+        if not self.tracker.done(item.tp, item.source.offset, item.epoch):
+            return  # revoked meanwhile: published, but the new owner decides it again
+        now = time.time()
+        metrics.END_TO_END_SECONDS.labels(clock="consumed").observe(max(0.0, now - item.consumed_wall))
+        if self.stats.latencies is not None:
+            self.stats.latencies.append(now - item.consumed_wall)
+        if p.event is not None and p.event.created_at is not None:
+            metrics.END_TO_END_SECONDS.labels(clock="created_at").observe(max(0.0, now - p.event.created_at))
+        self.stats.last_acked_at = now
+        self.stats.add(inputs_acked=1)
+
     def _failed_cb(self, err: Exception) -> None:
+        if self.send_failed is not None:  # exactly-once: the batch's transaction aborts, it is redone
+            self.send_failed(err)
+            return
         from moderator.errors import DeliveryError  # noqa: PLC0415
 
         self.on_fatal(DeliveryError(f"the broker did not acknowledge an output record: {type(err).__name__}: {err}"))
@@ -402,6 +421,7 @@ class BatchStages:
         self._pool = ThreadPoolExecutor(max(1, decode_slots), thread_name_prefix="prepare")
         self._fetch_pool = ThreadPoolExecutor(max(1, prepare_workers), thread_name_prefix="fetch")
         self._on_fatal = on_fatal
+        self.transactions = None  # exactly-once: BatchTransactions, one per batch
         self.threads = [threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True),
                         threading.Thread(target=self._encode_loop, name="encode", daemon=True)]
 
@@ -489,6 +509,13 @@ class BatchStages:
         finally:
             self._ready.put(None)
 
+    def _finish(self, prepared: list[Prepared]) -> None:
+        try:
+            self.pipeline.finish(prepared)
+        except Exception as e:
+            log.exception("batch failed after preparation; dead-lettering it")
+            self.pipeline.fail_batch(prepared, e)
+
     def _encode_loop(self) -> None:
         try:
             while True:
@@ -497,10 +524,10 @@ class BatchStages:
                     break
                 prepared = [f.result() for f in futures]  # the steps never raise (a bug would: stop loudly)
                 try:
-                    self.pipeline.finish(prepared)
-                except Exception as e:
-                    log.exception("batch failed after preparation; dead-lettering it")
-                    self.pipeline.fail_batch(prepared, e)
+                    if self.transactions is None:
+                        self._finish(prepared)
+                    else:
+                        self.transactions.run(prepared, lambda: self._finish(prepared))
                 finally:
                     with self._count_lock:
                         self._in_pipeline -= 1
