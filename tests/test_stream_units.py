@@ -409,6 +409,45 @@ def test_revoke_waits_for_in_flight_work_without_stopping_the_consumers_event_lo
     net.close()
 
 
+def test_a_revoke_waits_past_its_deadline_for_a_committing_transaction():
+    """Exactly-once: a batch transaction carrying a partition's offsets is between its liveness
+    check and its end; the revoke must not take the partition's redo point meanwhile (it would
+    redo a batch that commits), even when the drain wait is over."""
+    from kafka.net.selector import NetworkSelector
+
+    from moderator.ingest import RebalanceHooks
+
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    t = OffsetTracker()
+    t.assign({tp, other})
+    e = t.track(tp, 4)
+    assert t.begin_commit([(tp, e)]) and t.committing({tp}) and not t.committing({other})
+    assert not t.begin_commit([(tp, e + 100)])  # a stale epoch: refused, nothing marked
+    net = NetworkSelector()
+    calls: list[float] = []
+    ended_at = time.monotonic() + 0.3
+    hooks = RebalanceHooks(lambda tps: calls.append(time.monotonic()), lambda tps: None,
+                           drained=lambda tps: True, revoke_wait_s=lambda: 0.0,
+                           committing=lambda tps: time.monotonic() < ended_at or t.committing(tps),
+                           commit_wait_s=5.0)
+
+    async def end_it():
+        await net.sleep(0.3)
+        t.done(tp, 4, e)  # what the transaction's on_done does, then end_commit
+        t.end_commit()
+
+    async def both():
+        net.call_soon(end_it)
+        await hooks.on_partitions_revoked([tp])
+
+    net.run(both)
+    assert calls and calls[0] >= ended_at
+    t.revoke({tp})
+    t.assign({tp})
+    assert t.pending_rewinds() == {tp: 5}  # the redo point is past the committed batch
+    net.close()
+
+
 def test_adaptive_batch_goes_at_once_when_downstream_is_idle_and_fills_when_busy():
     busy = threading.Event()
     b = MicroBatcher(4, max_wait_ms=60_000, idle=lambda: not busy.is_set())

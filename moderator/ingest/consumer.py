@@ -40,22 +40,32 @@ class RebalanceHooks(AsyncConsumerRebalanceListener):
     """Adapts plain callables to kafka-python's async listener interface.
 
     On revoke it first waits, up to ``revoke_wait_s()``, until ``drained(revoked)`` -- awaiting
-    short sleeps on the consumer's event loop, which keeps heartbeating meanwhile -- then calls
+    short sleeps on the consumer's event loop, which keeps heartbeating meanwhile -- then,
+    past that deadline too (up to ``commit_wait_s``), while ``committing(revoked)``: a
+    transaction carrying those partitions' offsets is between its liveness check and its
+    end, and revoking under it would redo a batch it is about to commit. Then it calls
     ``on_revoked``. The hooks themselves must not block.
     """
 
     def __init__(self, on_revoked: PartitionsHook, on_assigned: PartitionsHook,
                  on_lost: PartitionsHook | None = None, *,
                  drained: Callable[[set[TopicPartition]], bool] | None = None,
-                 revoke_wait_s: Callable[[], float] = lambda: 0.0, poll_s: float = 0.02) -> None:
+                 revoke_wait_s: Callable[[], float] = lambda: 0.0, poll_s: float = 0.02,
+                 committing: Callable[[set[TopicPartition]], bool] | None = None,
+                 commit_wait_s: float = 0.0) -> None:
         self._revoked, self._assigned, self._lost = on_revoked, on_assigned, on_lost
         self._drained, self._revoke_wait_s, self._poll_s = drained, revoke_wait_s, poll_s
+        self._committing, self._commit_wait_s = committing, commit_wait_s
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         tps = set(revoked)
         if tps and self._drained is not None:
             deadline = time.monotonic() + self._revoke_wait_s()
             while not self._drained(tps) and time.monotonic() < deadline:
+                await loop_sleep(self._poll_s)
+        if tps and self._committing is not None:
+            deadline = time.monotonic() + self._commit_wait_s
+            while self._committing(tps) and time.monotonic() < deadline:
                 await loop_sleep(self._poll_s)
         self._revoked(tps)
 

@@ -13,12 +13,15 @@ consumer, pipeline threads), consume, drain, close. The parts:
   tracker marks an input done once *all* its records are acked) and the consumer
   runs the group protocol (-> the committer's rebalance hooks).
 
-Delivery is at-least-once: an offset is committed only once every record derived
-from it and from every earlier offset of its partition is acknowledged. A crash
-or a revoked partition replays from the last commit; duplicates are possible,
-loss is not. Bad input never stops the worker: every failure is a dead letter
-with a reason code. A record the broker will not acknowledge within the delivery
-timeout *does* stop it (exit 1) -- committing past it would lose it.
+Delivery is at-least-once by default: an offset is committed only once every record
+derived from it and from every earlier offset of its partition is acknowledged. A
+crash or a revoked partition replays from the last commit; duplicates are possible,
+loss is not. Bad input never stops the worker: every failure is a dead letter with a
+reason code. A record the broker will not acknowledge within the delivery timeout
+*does* stop it (exit 1) -- committing past it would lose it. With
+``processing_guarantee=exactly_once`` each batch's outputs and offsets commit in one
+Kafka transaction instead (``worker/transactions.py``): a failed send aborts and redoes
+the batch.
 """
 
 from __future__ import annotations
@@ -303,7 +306,9 @@ class Worker:
         self.committer.attach(self._consumer)
         subscribe(self._consumer, s.input_topic,
                   RebalanceHooks(self.committer.on_revoked, self.committer.on_assigned, self.committer.on_lost,
-                                 drained=self.committer.drained, revoke_wait_s=self.committer.revoke_wait_s))
+                                 drained=self.committer.drained, revoke_wait_s=self.committer.revoke_wait_s,
+                                 committing=self.committer.committing,
+                                 commit_wait_s=s.transaction_timeout_ms / 1000))
         closing.callback(self._close_consumer)
         self.stages.start()
         log.info("worker started", extra={"event": "started", "input_topic": s.input_topic,

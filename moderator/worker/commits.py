@@ -84,6 +84,10 @@ class OffsetCommitter:
         """Nothing in flight for these partitions (the hooks wait for it before ``on_revoked``)."""
         return self.tracker.wait_drained(0.0, tps)
 
+    def committing(self, tps: set[TopicPartition]) -> bool:
+        """A batch transaction with these partitions' offsets is committing (exactly-once)."""
+        return self.tracker.committing(tps)
+
     def revoke_wait_s(self) -> float:
         """How long a revoke may wait for in-flight work of the revoked partitions: none when
         the worker is closing (it drains on its own first)."""

@@ -50,6 +50,7 @@ class OffsetTracker:
         self._in_flight = 0
         self._in_flight_bytes = 0
         self._redo: dict[TopicPartition, int] = {}  # revoked -> redo from here if assigned back at once
+        self._committing: set[TopicPartition] = set()  # exactly-once: in a transaction's commit
 
     # -- assignment --------------------------------------------------------------------
 
@@ -94,6 +95,26 @@ class OffsetTracker:
                 self._epoch += 1
                 self._parts[tp] = _Partition(self._epoch, rewind_to=offset)
             self._cond.notify_all()
+
+    def begin_commit(self, items: Iterable[tuple[TopicPartition, int]]) -> bool:
+        """Exactly-once: every (partition, epoch) still live? Then mark the partitions as
+        committing, atomically with that check, until ``end_commit``: a revoke waits for them
+        (``committing``), so it cannot take a redo point from before a batch that commits."""
+        with self._cond:
+            items = list(items)
+            if not all((p := self._parts.get(tp)) is not None and p.epoch == epoch for tp, epoch in items):
+                return False
+            self._committing.update(tp for tp, _ in items)
+            return True
+
+    def end_commit(self) -> None:
+        with self._cond:
+            self._committing.clear()
+            self._cond.notify_all()
+
+    def committing(self, tps: Iterable[TopicPartition]) -> bool:
+        with self._cond:
+            return any(tp in self._committing for tp in tps)
 
     def pending_rewinds(self) -> dict[TopicPartition, int]:
         with self._cond:

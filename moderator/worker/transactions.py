@@ -20,6 +20,7 @@ restarts from the last committed offsets, which is still exactly-once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -94,19 +95,24 @@ class BatchTransactions:
         from kafka.errors import ProducerFencedError  # noqa: PLC0415
 
         self.send_error = None
+        self._committed = False
         started = time.perf_counter()
         try:
             self.producer.begin_transaction()
             publish()
             published = [p for p in prepared if p.published]
-            if published:
-                self._commit(published)
-            else:  # nothing was ours any more (revoked): nothing to commit
+            if not published:  # nothing was ours any more (revoked): nothing to commit
                 bounded(self.producer.abort_transaction, self.timeout_s, "abort_transaction")
+                return
+            self._commit(published)
         except ProducerFencedError as e:
             metrics.TRANSACTIONS.labels(result="fenced").inc()
             raise DeliveryError(f"the producer was fenced: another worker uses this transactional id ({e})") from e
         except DeliveryError:
+            # the worker stops: end the transaction now if the broker lets us, rather than leave
+            # read_committed readers waiting for the transaction timeout
+            with contextlib.suppress(Exception):
+                bounded(self.producer.abort_transaction, 5.0, "abort_transaction")
             raise
         except Exception as e:  # noqa: BLE001 - abort, rewind, redo
             self._abort(prepared, e)
@@ -114,10 +120,13 @@ class BatchTransactions:
         self._aborts_in_a_row = 0
         metrics.TRANSACTIONS.labels(result="committed").inc()
         metrics.TRANSACTION_SECONDS.observe(time.perf_counter() - started)
-        self.on_done(published)
+        try:
+            self.on_done(published)  # the inputs are done (their redo point moves past them) ...
+        finally:
+            self.tracker.end_commit()  # ... before a waiting revoke may take it
 
     def _commit(self, published: list[Prepared]) -> None:
-        bounded(lambda: self.producer.flush(timeout=self.timeout_s), self.timeout_s + 5, "flush")
+        bounded(self.producer.flush, self.timeout_s, "flush")  # kafka-python's own timeout is per batch
         if self.send_error is not None:
             raise _Abort(f"a send failed: {type(self.send_error).__name__}: {self.send_error}")
         if not all(p.acked for p in published):
@@ -125,16 +134,24 @@ class BatchTransactions:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for p in published:
             tp, offset = p.item.tp, p.item.source.offset
-            if not self.tracker.is_live(tp, p.item.epoch):
-                raise _Abort(f"{tp.topic}/{tp.partition} was revoked during the batch")
             if tp not in offsets or offsets[tp].offset <= offset:
                 offsets[tp] = OffsetAndMetadata(offset + 1, "", -1)
+        # The group's generation first, then the liveness check: a revoke always precedes the
+        # generation that follows it, so partitions live after this snapshot belong to it, and
+        # the broker refuses these offsets if the group has moved on meanwhile.
         group = self.group_metadata()
         if getattr(group, "generation_id", -1) < 0 or not getattr(group, "member_id", ""):
             raise _Abort("the consumer is not a member of its group right now (rebalancing)")
-        bounded(lambda: self.producer.send_offsets_to_transaction(offsets, group), self.timeout_s,
-                "send_offsets_to_transaction")
-        bounded(self.producer.commit_transaction, self.timeout_s, "commit_transaction")
+        if not self.tracker.begin_commit((p.item.tp, p.item.epoch) for p in published):
+            raise _Abort("a partition of the batch was revoked during it")
+        try:
+            bounded(lambda: self.producer.send_offsets_to_transaction(offsets, group), self.timeout_s,
+                    "send_offsets_to_transaction")
+            bounded(self.producer.commit_transaction, self.timeout_s, "commit_transaction")
+            self._committed = True
+        finally:
+            if not self._committed:
+                self.tracker.end_commit()  # aborting: a revoke may go ahead (run() ends it after on_done)
 
     def _abort(self, prepared: list[Prepared], err: Exception) -> None:
         self._aborts_in_a_row += 1
