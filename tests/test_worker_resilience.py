@@ -199,7 +199,8 @@ def test_three_workers_sigkilled_in_turn_during_load_lose_nothing(
     (a StatefulSet pod's stable name), which fences it and aborts its open transaction at once."""
     topics = stream_topics(CHAOS_PARTITIONS)
     group = f"chaos-{guarantee[:3]}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-    events = list(synthetic_events(1200, seed=21, size=48, id_prefix="chaos"))
+    # 30 s of load at CHAOS_RATE: three kills and their recoveries fit in it on a busy 2-core machine
+    events = list(synthetic_events(1800, seed=21, size=48, id_prefix="chaos"))
     exactly_once = guarantee == "exactly_once"
 
     def spawn(name: str, slot: int) -> WorkerProcess:
