@@ -148,31 +148,18 @@ def _worker_settings(a: argparse.Namespace):
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from moderator.worker import run_worker
 
-    try:
-        settings = _worker_settings(a)
-    except ValidationError as e:
-        print(f"moderator run: invalid settings:\n{e}", file=sys.stderr)
-        return 2
-    return run_worker(settings)
+    return run_worker(_worker_settings(a))  # main() reports invalid settings
 
 
 def _cmd_produce(a: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from moderator import produce as prod
     from moderator.config import KafkaClientSettings
     from moderator.ingest.access import check_kafka_access
 
-    try:  # the worker's MODERATOR_KAFKA_* variables: bootstrap servers, TLS, SASL
-        kafka = KafkaClientSettings(**({"kafka_bootstrap_servers": a.bootstrap_servers}
-                                       if a.bootstrap_servers else {}))
-    except ValidationError as e:
-        print(f"moderator produce: invalid settings:\n{e}", file=sys.stderr)
-        return 2
+    # the worker's MODERATOR_KAFKA_* variables: bootstrap servers, TLS, SASL (main() reports invalid ones)
+    kafka = KafkaClientSettings(**({"kafka_bootstrap_servers": a.bootstrap_servers} if a.bootstrap_servers else {}))
     bootstrap, security = kafka.kafka_bootstrap_servers, kafka.kafka_security()
     check_kafka_access(bootstrap, security, timeout_s=kafka.kafka_startup_timeout_s,
                        client_id="moderator-produce-check")

@@ -201,16 +201,22 @@ _PERMANENT_TLS_REASONS = frozenset({
 })
 
 
+def exception_chain(err: BaseException | None):
+    """``err``, then what it was raised from or during, and so on (each once)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def tls_failure(err: BaseException, cafile_setting: str, cafile: object) -> tuple[str, str] | None:
     """``(kind, explanation)`` when ``err`` (or an exception it wraps) is a TLS failure that retrying
     will not fix: kind ``untrusted`` (we refuse the server's certificate) or ``failed`` (it refuses
     ours, or the handshake cannot work); None for anything else, outages included."""
     import ssl  # noqa: PLC0415
 
-    seen: set[int] = set()
-    e: BaseException | None = err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in exception_chain(err):
         if isinstance(e, ssl.SSLCertVerificationError):
             code, message = e.verify_code, e.verify_message or str(e)
             if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
@@ -222,5 +228,4 @@ def tls_failure(err: BaseException, cafile_setting: str, cafile: object) -> tupl
                                  f"({message}); set {cafile_setting} to the CA that signed it")
         if isinstance(e, ssl.SSLError) and getattr(e, "reason", None) in _PERMANENT_TLS_REASONS:
             return "failed", f"{e.reason}: {e}"
-        e = e.__cause__ or e.__context__
     return None

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from moderator.errors import ServiceAccessError, tls_failure
+from moderator.errors import ServiceAccessError, exception_chain, tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ def _listening():
         logger.propagate = propagate
 
 
-def _chain(err: BaseException):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
 def explain(errors: list[BaseException], bootstrap: str, security: Mapping[str, object]) -> ServiceAccessError | None:
     """The first cause among ``errors`` that retrying will not fix, as a ``ServiceAccessError``."""
     from kafka.errors import (  # noqa: PLC0415
@@ -77,7 +69,7 @@ def explain(errors: list[BaseException], bootstrap: str, security: Mapping[str, 
     )
 
     for err in errors:
-        for e in _chain(err):
+        for e in exception_chain(err):
             if isinstance(e, (UnsupportedSaslMechanismError, IllegalSaslStateError)):
                 return ServiceAccessError(
                     f"Kafka at {bootstrap} does not accept the SASL mechanism "
@@ -91,20 +83,20 @@ def explain(errors: list[BaseException], bootstrap: str, security: Mapping[str, 
                     reason="kafka_auth_failed")
             if isinstance(e, AuthorizationError):
                 return ServiceAccessError(f"Kafka at {bootstrap} denied access: {e}", reason="kafka_auth_failed")
-            tls = tls_failure(e, "MODERATOR_KAFKA_SSL_CAFILE", security.get("ssl_cafile"))
-            if tls is not None and tls[0] == "untrusted":
-                return ServiceAccessError(f"TLS to Kafka at {bootstrap}: {tls[1]}", reason="kafka_tls_untrusted")
-            if tls is not None:
-                hint = (" (the broker may require a client certificate: MODERATOR_KAFKA_SSL_CERTFILE and "
-                        "MODERATOR_KAFKA_SSL_KEYFILE)" if not security.get("ssl_certfile") else
-                        " (is the client certificate signed by a CA the broker trusts?)")
-                return ServiceAccessError(f"TLS to Kafka at {bootstrap} failed: {tls[1]}{hint}",
-                                          reason="kafka_tls_failed")
             if isinstance(e, InvalidReceiveError) and _tls_record(e):
                 return ServiceAccessError(
                     f"Kafka at {bootstrap} answered a plaintext request with a TLS record: it is a TLS "
                     "listener; set MODERATOR_KAFKA_SECURITY_PROTOCOL to SSL or SASL_SSL (and "
                     "MODERATOR_KAFKA_SSL_CAFILE)", reason="kafka_tls_required")
+        tls = tls_failure(err, "MODERATOR_KAFKA_SSL_CAFILE", security.get("ssl_cafile"))  # walks the chain too
+        if tls is not None and tls[0] == "untrusted":
+            return ServiceAccessError(f"TLS to Kafka at {bootstrap}: {tls[1]}", reason="kafka_tls_untrusted")
+        if tls is not None:
+            hint = (" (the broker may require a client certificate: MODERATOR_KAFKA_SSL_CERTFILE and "
+                    "MODERATOR_KAFKA_SSL_KEYFILE)" if not security.get("ssl_certfile") else
+                    " (is the client certificate signed by a CA the broker trusts?)")
+            return ServiceAccessError(f"TLS to Kafka at {bootstrap} failed: {tls[1]}{hint}",
+                                      reason="kafka_tls_failed")
     return None
 
 
