@@ -280,6 +280,67 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0 if s.accounted == s.produced and s.worker_exit == 0 else 1
 
 
+def _bank_sources(a: argparse.Namespace):
+    from moderator import bank_tool
+
+    if a.jsonl is not None:
+        return bank_tool.sources_from_jsonl(a.jsonl, a.label, a.source)
+    return bank_tool.sources_from_dir(a.images, a.label, a.source)
+
+
+def _bank_report(a: argparse.Namespace, report) -> int:
+    if a.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        for f in report.failed:
+            print(f"FAILED {f['where']} ({f['id']}): [{f['reason']}] {f['error']}", file=sys.stderr)
+        parts = [f"{len(report.added)} added"] if report.added or not report.removed else []
+        if report.removed:
+            parts.append(f"{len(report.removed)} removed")
+        if report.failed:
+            parts.append(f"{len(report.failed)} failed")
+        print(f"{report.path}: {', '.join(parts)}; {report.count} items")
+    return 1 if report.failed else 0
+
+
+def _cmd_bank(a: argparse.Namespace) -> int:
+    from moderator import bank_tool
+    from moderator.decide.banks import read_bank
+
+    if a.bank_command in ("build", "add"):
+        if (a.images is None) == (a.jsonl is None):
+            print(f"moderator bank {a.bank_command}: give an image folder or --jsonl FILE (one of them)",
+                  file=sys.stderr)
+            return 2
+        builder = bank_tool.BankBuilder(a.model_dir, batch_size=a.batch_size,
+                                        progress=False if a.no_progress else None)
+        sources = _bank_sources(a)
+        if a.bank_command == "build":
+            return _bank_report(a, builder.build(a.bank, a.name or a.bank.stem.replace("-", "_"), sources,
+                                                 overwrite=a.overwrite))
+        return _bank_report(a, builder.add(a.bank, sources))
+    if a.bank_command == "remove":
+        return _bank_report(a, bank_tool.remove(a.bank, a.ids))
+    if a.bank_command == "bench":
+        from moderator.decide.bank_bench import bench_matching
+
+        for row in bench_matching(a.sizes, dim=a.dim, batch=a.batch, seconds=a.seconds,
+                                  faiss_indexes=not a.numpy_only, hnsw=not a.no_hnsw):
+            print(json.dumps(row))
+        return 0
+    bank = read_bank(a.bank)
+    if a.bank_command == "info":
+        d = bank_tool.info(bank)
+        print(json.dumps(d, indent=None if a.json else 2))
+        return 0
+    for item in bank.items:  # list
+        if a.json:
+            print(item.model_dump_json(exclude_none=True))
+        else:
+            print(f"{item.id}\t{item.label or ''}\t{item.added_at}\t{item.sha256 or ''}")
+    return 0
+
+
 def _cmd_docs(a: argparse.Namespace) -> int:
     from moderator import docs
 
@@ -508,6 +569,43 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--hold", action="store_true", help="keep everything running until Ctrl-C")
     dm.set_defaults(func=_cmd_demo)
+
+    bk = sub.add_parser("bank", help="build and edit image banks (known-bad and allow-list embeddings)",
+                        description="Image banks: embeddings of known images under one model, matched by the "
+                                    "worker when a policy lists them (policy `banks:`).")
+    bsub = bk.add_subparsers(dest="bank_command", required=True, metavar="BANK_COMMAND")
+    for name, help_text in (("build", "a new bank file from an image folder or a JSONL of paths"),
+                            ("add", "embed more images into an existing bank file")):
+        x = bsub.add_parser(name, help=help_text)
+        x.add_argument("bank", type=Path, help="the bank file (.npz)")
+        x.add_argument("images", type=Path, nargs="?", help="folder of images (ids: paths relative to it)")
+        x.add_argument("--jsonl", type=Path, help="JSON Lines: path, and optional id, label, source per line")
+        x.add_argument("--model-dir", type=Path, required=True, help="the exported model the worker serves")
+        x.add_argument("--label", help="label for items without their own")
+        x.add_argument("--source", help="source for items without their own (default: the file path)")
+        x.add_argument("--batch-size", type=int, default=32)
+        x.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+        x.add_argument("--json", action="store_true", help="print the result as one JSON object")
+        if name == "build":
+            x.add_argument("--name", help="bank name (default: the file name's stem)")
+            x.add_argument("--overwrite", action="store_true", help="replace an existing bank file")
+    x = bsub.add_parser("remove", help="remove items by id")
+    x.add_argument("bank", type=Path)
+    x.add_argument("ids", nargs="+")
+    x.add_argument("--json", action="store_true")
+    for name, help_text in (("list", "one line per item: id, label, added-at, sha256"),
+                            ("info", "the bank's manifest, sha256 and label counts")):
+        x = bsub.add_parser(name, help=help_text)
+        x.add_argument("bank", type=Path)
+        x.add_argument("--json", action="store_true", help="JSON (one object per item for list)")
+    x = bsub.add_parser("bench", help="match latency per batch for banks of several sizes (random embeddings)")
+    x.add_argument("--sizes", type=int, nargs="+", default=[1_000, 100_000, 1_000_000])
+    x.add_argument("--dim", type=int, default=512)
+    x.add_argument("--batch", type=int, default=32)
+    x.add_argument("--seconds", type=float, default=2.0, help="time per size")
+    x.add_argument("--numpy-only", action="store_true", help="skip the FAISS comparison")
+    x.add_argument("--no-hnsw", action="store_true", help="skip FAISS HNSW (minutes to build above 100k items)")
+    bk.set_defaults(func=_cmd_bank)
 
     dc = sub.add_parser("docs", help="print or refresh the README's configuration and metrics reference",
                         description="Reference tables generated from moderator.config and moderator.metrics.")

@@ -150,6 +150,9 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     policy: Path = Field(default=Path("/etc/moderator/policy.yaml"), description="policy YAML file")
     policy_reload_interval_s: float = Field(
         default=2.0, ge=0, description="how often to check the policy file for a new version; 0 disables")
+    shadow_policy: Path | None = Field(
+        default=None, description="a second policy that decides every image too, on the same embedding; its "
+                                  "decisions go to the shadow decisions topic only (reloaded like the policy)")
 
     # --- image encoder -----------------------------------------------------------------
     encoder_backend: Literal["onnx", "torch"] = Field(
@@ -190,6 +193,8 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     flagged_topic: str = Field(default="flagged", description="copies of decisions whose action is flag")
     review_topic: str = Field(default="review", description="copies of escalate decisions (human review)")
     dead_letter_topic: str = Field(default="dead-letter", description="inputs that could not be decided")
+    shadow_decisions_topic: str = Field(
+        default="shadow-decisions", description="the shadow policy's decisions (never acted upon, best effort)")
     auto_offset_reset: str = Field(
         default="earliest", pattern="^(earliest|latest)$",
         description="where a group without committed offsets starts")
@@ -326,5 +331,6 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     def resolved_transactional_id(self) -> str:
         return self.transactional_id or f"moderator-{self.consumer_group}-{self.client_id}"
 
-    def output_topics(self) -> tuple[str, str, str, str]:
-        return self.decisions_topic, self.flagged_topic, self.review_topic, self.dead_letter_topic
+    def output_topics(self) -> tuple[str, str, str, str, str]:
+        return (self.decisions_topic, self.flagged_topic, self.review_topic, self.dead_letter_topic,
+                self.shadow_decisions_topic)

@@ -94,6 +94,18 @@ class PolicyError(ModeratorError):
     reason = "policy_invalid"
 
 
+class BankError(PolicyError):
+    """An image bank file is missing, corrupt, or built for another model."""
+
+    reason = "bank_invalid"
+
+
+class LabelsError(ModeratorError):
+    """A labelled-data file for ``moderator calibrate`` is unusable (names the file and line)."""
+
+    reason = "labels_invalid"
+
+
 # --- events on the wire (ingest) ------------------------------------------------
 
 

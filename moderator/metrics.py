@@ -26,6 +26,26 @@ DECISIONS = Counter("moderator_decisions_total", "Decisions by overall action", 
 CATEGORY_ACTIONS = Counter(
     "moderator_category_actions_total", "Per-category non-allow outcomes", ["category", "action"]
 )
+BANK_MATCHES = Counter(
+    "moderator_bank_matches_total",
+    "Images that matched an image bank, by bank and the bank's action (flag, escalate, allow)",
+    ["bank", "action"],
+)
+SHADOW_POLICY_RELOADS = Counter(
+    "moderator_shadow_policy_reloads_total", "Shadow policy reload attempts by result", ["result"]
+)
+SHADOW_POLICY_INFO = Info("moderator_shadow_policy", "Shadow policy in force (decides, never acts)")
+SHADOW_DISAGREEMENTS = Counter(
+    "moderator_shadow_disagreements_total",
+    "Images whose shadow-policy action differs from the live one, per category "
+    "(category=_overall: the decision's action)",
+    ["category", "live", "shadow"],
+)
+SHADOW_ERRORS = Counter(
+    "moderator_shadow_errors_total",
+    "Shadow decisions that failed (to decide or to publish); live decisions are unaffected",
+    ["stage"],
+)
 POLICY_LOADED = Gauge("moderator_policy_loaded", "1 when a valid policy is in force")
 SCORE_SECONDS = Histogram(
     "moderator_score_seconds", "Time to score a batch against the policy",

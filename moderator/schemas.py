@@ -181,6 +181,9 @@ class Category(_Strict):
     thresholds: Thresholds
     enabled: bool = True
     audit_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    never_overridable: bool = Field(
+        default=False,
+        description="an allow-list bank match never turns this category's flag or escalate into allow")
 
     @field_validator("prompts", "contrast_prompts")
     @classmethod
@@ -188,6 +191,35 @@ class Category(_Strict):
         if any(not p.strip() for p in v):
             raise ValueError("prompts must not be blank")
         return v
+
+
+class BankRef(_Strict):
+    """A bank of image embeddings the policy matches every image against (``moderator bank``).
+
+    ``known_bad``: a match (cosine >= ``threshold``) flags or escalates the image with reason
+    ``bank:<name>``, whatever its category scores. ``allow``: a match turns a would-be flag or
+    escalate into allow (reason ``allow_bank:<name>``), except for ``never_overridable``
+    categories and known-bad bank matches.
+    """
+
+    name: str = Field(pattern=_ID_PATTERN)
+    path: str = Field(min_length=1, description="the bank file; relative paths start at the policy file's folder")
+    kind: Literal["known_bad", "allow"]
+    threshold: float = Field(
+        default=0.95, gt=0.0, le=1.0,
+        description="cosine similarity at or above which an image matches a bank item; "
+                    "calibrate it for your model (re-encodes and resizes of one image score near 1)")
+    action: Literal["flag", "escalate"] = Field(default="flag", description="known_bad only: what a match does")
+    match_sha256: bool = Field(
+        default=True,
+        description="an image whose bytes hash to a bank item's sha256 uses the item's stored embedding, "
+                    "skipping the encoder (re-uploads of a banked file)")
+
+    @model_validator(mode="after")
+    def _action_for_kind(self) -> "BankRef":
+        if self.kind == "allow" and "action" in self.model_fields_set:
+            raise ValueError("action applies to known_bad banks only (an allow bank always allows)")
+        return self
 
 
 class PolicyDoc(_Strict):
@@ -200,6 +232,7 @@ class PolicyDoc(_Strict):
         min_length=1,
     )
     categories: list[Category] = Field(min_length=1)
+    banks: list[BankRef] = Field(default_factory=list, description="image banks matched against every image")
 
     @field_validator("templates")
     @classmethod
@@ -236,7 +269,46 @@ class PolicyDoc(_Strict):
                 cur = parent[cur]
         if not any(c.enabled for c in self.categories):
             raise ValueError("categories: every category is disabled")
+        names = [b.name for b in self.banks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"banks: duplicate bank names: {dupes}")
         return self
+
+
+# --- image banks (``moderator bank``) ----------------------------------------------
+
+BANK_FORMAT = 1
+
+
+class BankManifest(_Strict):
+    """The header of a bank file: which model its embeddings belong to."""
+
+    format: int = BANK_FORMAT
+    name: str = Field(pattern=_ID_PATTERN)
+    model_sha256: str = Field(description="the model directory the embeddings were computed with")
+    model_architecture: str
+    embed_dim: int = Field(gt=0)
+    count: int = Field(ge=0)
+    created_at: str
+    updated_at: str
+
+
+class BankItem(_Strict):
+    """One banked image (a line of the bank's item list)."""
+
+    id: str = Field(min_length=1, max_length=512)
+    label: str | None = Field(default=None, description="e.g. the category or case it was banked for")
+    source: str | None = Field(default=None, description="where it came from (file path, case id, feed)")
+    added_at: str
+    sha256: str | None = Field(default=None, description="sha256 of the original file's bytes")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v)):
+            raise ValueError("sha256 must be a lowercase hex digest")
+        return v
 
 
 # --- decisions ---------------------------------------------------------------
@@ -251,6 +323,19 @@ class CategoryScore(_Strict):
     parent: str | None = None
     score: float
     action: Action
+
+
+class BankMatch(_Strict):
+    """A bank item an image matched (cosine >= the bank's threshold, or equal sha256)."""
+
+    bank: str
+    kind: Literal["known_bad", "allow"]
+    item_id: str
+    label: str | None = None
+    similarity: float
+    by_sha256: bool = Field(default=False, description="the image's bytes are the banked file's")
+    applied: bool = Field(description="whether the match changed or set the action "
+                                      "(an allow match does not override a never_overridable category)")
 
 
 class Decision(BaseModel):
@@ -272,6 +357,8 @@ class Decision(BaseModel):
     cached: bool = False
     metadata: dict | None = None
     decided_at: str
+    bank_matches: list[BankMatch] = Field(default_factory=list)
+    shadow: bool = Field(default=False, description="decided by the shadow policy: never acted upon")
 
 
 # --- streaming wire formats (the worker's input and dead letters) ---------------

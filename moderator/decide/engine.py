@@ -17,6 +17,12 @@ move it, and thresholds calibrated once stay meaningful across policy edits.
 Bands: ``score >= flag`` -> flag; ``escalate <= score < flag`` -> escalate;
 otherwise allow. A parent category takes the most severe action of its children
 (taxonomy roll-up). The overall action is the most severe across categories.
+
+Banks (``decide/banks.py``) come after the categories, on the same embedding: a
+known-bad bank match raises the overall action to the bank's action (``bank:<name>``);
+otherwise an allow-bank match turns a flag or escalate into allow (``allow_bank:<name>``)
+unless a category that acted is ``never_overridable``. Audit sampling skips
+allow-listed images.
 """
 
 from __future__ import annotations
@@ -26,14 +32,16 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from moderator import metrics
+from moderator.decide.banks import Bank, BankLoader, check_model
 from moderator.decide.embeddings import EmbeddingCache, InProcessCache, PolicyEmbeddings, policy_embeddings
 from moderator.decide.policy import LoadedPolicy
-from moderator.schemas import ACTION_SEVERITY, Action, Category, CategoryScore, Decision
+from moderator.schemas import ACTION_SEVERITY, Action, BankMatch, BankRef, Category, CategoryScore, Decision
 
 
 @dataclass(frozen=True)
@@ -44,16 +52,62 @@ class _CompiledCategory:
 
 
 @dataclass(frozen=True)
+class _CompiledBank:
+    ref: BankRef
+    bank: Bank
+
+
+@dataclass(frozen=True)
+class _Hit:
+    """An image's best match in one bank."""
+
+    cb: _CompiledBank
+    row: int
+    similarity: float
+    by_sha256: bool
+
+
+@dataclass(frozen=True)
 class CompiledPolicy:
     loaded: LoadedPolicy
     embeddings: PolicyEmbeddings
     categories: tuple[_CompiledCategory, ...]
     children: dict[str, tuple[str, ...]]
     logit_scale: float
+    banks: tuple[_CompiledBank, ...] = ()
 
     @property
     def version(self) -> str:
         return self.loaded.doc.version
+
+    def bank_embedding(self, image_sha256: str | None) -> np.ndarray | None:
+        """The stored embedding of a banked file with these exact bytes (``match_sha256`` banks):
+        the worker skips the encoder for it."""
+        if image_sha256 is None:
+            return None
+        for cb in self.banks:
+            if cb.ref.match_sha256:
+                row = cb.bank.by_sha256.get(image_sha256)
+                if row is not None:
+                    return cb.bank.embeddings[row].copy()
+        return None
+
+    def bank_hits(self, image_embeddings: np.ndarray,
+                  image_sha256: Sequence[str | None] | None) -> list[list[_Hit]]:
+        """Per image, its best match in each bank that it matches (cosine >= threshold, or sha256)."""
+        n = image_embeddings.shape[0]
+        out: list[list[_Hit]] = [[] for _ in range(n)]
+        for cb in self.banks:
+            rows, sims = cb.bank.best(image_embeddings)
+            for i in range(n):
+                sha_row = (cb.bank.by_sha256.get(image_sha256[i]) if cb.ref.match_sha256 and image_sha256
+                           and image_sha256[i] else None)
+                if sha_row is not None:
+                    sim = float(image_embeddings[i] @ cb.bank.embeddings[sha_row])
+                    out[i].append(_Hit(cb, sha_row, sim, True))
+                elif rows[i] >= 0 and sims[i] >= cb.ref.threshold:
+                    out[i].append(_Hit(cb, int(rows[i]), float(sims[i]), False))
+        return out
 
     def scores(self, image_embeddings: np.ndarray) -> np.ndarray:
         """(N, C) scores for the enabled categories, in policy order."""
@@ -71,14 +125,31 @@ class CompiledPolicy:
         return out
 
 
+def bank_path(loaded: LoadedPolicy, ref: BankRef) -> Path:
+    """A bank's file: absolute as written, else relative to the policy file's folder."""
+    p = Path(ref.path)
+    if p.is_absolute() or loaded.path is None:
+        return p
+    return loaded.path.parent / p
+
+
 def compile_policy(
     loaded: LoadedPolicy,
     model_sha256: str,
     logit_scale: float,
     text_encoder: Callable[[], object],
     cache: EmbeddingCache | None = None,
+    *,
+    embed_dim: int | None = None,
+    banks: BankLoader | None = None,
 ) -> CompiledPolicy:
     doc = loaded.doc
+    loader = banks or BankLoader()
+    compiled_banks = []
+    for ref in doc.banks:  # the cheap checks first: a bad bank fails before any text encoding
+        bank = loader.load(bank_path(loaded, ref))
+        check_model(bank, model_sha256, embed_dim if embed_dim is not None else bank.manifest.embed_dim, ref.name)
+        compiled_banks.append(_CompiledBank(ref, bank))
     emb = policy_embeddings(doc, model_sha256, text_encoder, cache or InProcessCache())
     compiled = []
     for c in doc.categories:
@@ -95,7 +166,7 @@ def compile_policy(
         if cc.cat.parent in enabled:
             children.setdefault(cc.cat.parent, []).append(cc.cat.id)
     return CompiledPolicy(loaded, emb, tuple(compiled), {k: tuple(v) for k, v in children.items()},
-                          float(logit_scale))
+                          float(logit_scale), tuple(compiled_banks))
 
 
 def _band(score: float, cat: Category) -> Action:
@@ -121,11 +192,13 @@ class ModelInfo:
 class DecisionEngine:
     """Holds the policy in force (swapped atomically on reload) and decides batches."""
 
-    def __init__(self, policy: CompiledPolicy, model: ModelInfo) -> None:
+    def __init__(self, policy: CompiledPolicy, model: ModelInfo, *, shadow: bool = False) -> None:
         self._policy = policy
         self.model = model
+        self.shadow = shadow  # a shadow engine's decisions are marked and kept out of the live metrics
         self._swap_lock = threading.Lock()
-        metrics.POLICY_LOADED.set(1)
+        if not shadow:
+            metrics.POLICY_LOADED.set(1)
         self._publish_info()
 
     @property
@@ -139,8 +212,9 @@ class DecisionEngine:
 
     def _publish_info(self) -> None:
         p = self._policy
-        metrics.POLICY_INFO.info({"version": p.version, "sha256": p.loaded.sha256,
-                                  "categories": str(len(p.categories))})
+        info = {"version": p.version, "sha256": p.loaded.sha256, "categories": str(len(p.categories)),
+                "banks": ",".join(f"{cb.ref.name}:{len(cb.bank)}" for cb in p.banks)}
+        (metrics.SHADOW_POLICY_INFO if self.shadow else metrics.POLICY_INFO).info(info)
 
     def decide(
         self,
@@ -154,8 +228,11 @@ class DecisionEngine:
         policy = self._policy  # one snapshot for the whole batch
         t0 = time.perf_counter()
         scores = policy.scores(image_embeddings)
+        hits = policy.bank_hits(np.asarray(image_embeddings, dtype=np.float32), image_sha256) if policy.banks \
+            else None
+        if not self.shadow:
+            metrics.SCORE_SECONDS.observe(time.perf_counter() - t0)
         score_ms = (time.perf_counter() - t0) * 1000 / max(1, len(event_ids))
-        metrics.SCORE_SECONDS.observe(time.perf_counter() - t0)
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         out = []
         for i, event_id in enumerate(event_ids):
@@ -163,12 +240,13 @@ class DecisionEngine:
             out.append(self._decide_one(
                 policy, event_id, scores[i],
                 image_sha256[i] if image_sha256 else None, timings,
-                metadata[i] if metadata else None, now,
+                metadata[i] if metadata else None, now, hits[i] if hits else (),
             ))
         return out
 
     def _decide_one(self, policy: CompiledPolicy, event_id: str, row: np.ndarray,
-                    image_sha: str | None, timings: dict, metadata: dict | None, now: str) -> Decision:
+                    image_sha: str | None, timings: dict, metadata: dict | None, now: str,
+                    hits: Sequence[_Hit] = ()) -> Decision:
         own: dict[str, Action] = {}
         for cc, s in zip(policy.categories, row):
             own[cc.cat.id] = _band(float(s), cc.cat)
@@ -195,7 +273,8 @@ class DecisionEngine:
                 reasons.append(f"{r}:{cid} via child category")
 
         overall: Action = max(final.values(), key=ACTION_SEVERITY.__getitem__)
-        if overall == "allow":
+        overall, matches = self._apply_banks(policy, hits, overall, final, reasons)
+        if overall == "allow" and not any(m.kind == "allow" for m in matches):
             for cc in policy.categories:
                 rate = cc.cat.audit_sample_rate
                 if rate > 0 and audit_draw(event_id, cc.cat.id) < rate:
@@ -213,15 +292,64 @@ class DecisionEngine:
             if best_key is None or key > best_key:
                 best_key, top = key, c.id
             cats.append(CategoryScore(id=c.id, label=c.label, parent=c.parent, score=round(float(s), 6), action=a))
-            if a != "allow":
+            if a != "allow" and not self.shadow:
                 metrics.CATEGORY_ACTIONS.labels(category=c.id, action=a).inc()
-        metrics.DECISIONS.labels(action=overall).inc()
+        if not self.shadow:
+            metrics.DECISIONS.labels(action=overall).inc()
         return Decision(
             event_id=event_id, action=overall, top_category=top, reasons=reasons, categories=cats,
             policy_version=policy.version, policy_sha256=policy.loaded.sha256,
             model_sha256=self.model.sha256, model_architecture=self.model.architecture,
             image_sha256=image_sha, timings_ms=timings, metadata=metadata, decided_at=now,
+            bank_matches=matches, shadow=self.shadow,
         )
+
+    def _apply_banks(self, policy: CompiledPolicy, hits: Sequence[_Hit], overall: Action,
+                     final: dict[str, Action], reasons: list[str]) -> tuple[Action, list[BankMatch]]:
+        """Known-bad matches raise the action; else an allow match lowers a flag/escalate to allow."""
+        if not hits:
+            return overall, []
+        matches: list[BankMatch] = []
+        bad = [h for h in hits if h.cb.ref.kind == "known_bad"]
+
+        def record(h: _Hit, applied: bool) -> None:
+            item = h.cb.bank.items[h.row]
+            matches.append(BankMatch(bank=h.cb.ref.name, kind=h.cb.ref.kind, item_id=item.id, label=item.label,
+                                     similarity=round(h.similarity, 6), by_sha256=h.by_sha256, applied=applied))
+            if not self.shadow:
+                metrics.BANK_MATCHES.labels(bank=h.cb.ref.name,
+                                            action=h.cb.ref.action if h.cb.ref.kind == "known_bad" else "allow").inc()
+
+        def how(h: _Hit) -> str:
+            item = h.cb.bank.items[h.row]
+            return (f"item {item.id} (same file, sha256)" if h.by_sha256 else
+                    f"item {item.id} similarity {h.similarity:.4f} >= {h.cb.ref.threshold}")
+
+        for h in bad:
+            action: Action = h.cb.ref.action
+            if ACTION_SEVERITY[action] > ACTION_SEVERITY[overall]:
+                overall = action
+            reasons.append(f"bank:{h.cb.ref.name} {action} {how(h)}")
+            record(h, True)
+        cats = {cc.cat.id: cc.cat for cc in policy.categories}
+        for h in (h for h in hits if h.cb.ref.kind == "allow"):
+            name = h.cb.ref.name
+            if bad:
+                reasons.append(f"allow_bank:{name} not applied: known-bad bank match {how(h)}")
+                record(h, False)
+                continue
+            locked = sorted(cid for cid, a in final.items() if a != "allow" and cats[cid].never_overridable)
+            if overall != "allow" and locked:
+                reasons.append(f"allow_bank:{name} not applied: never_overridable {','.join(locked)}; {how(h)}")
+                record(h, False)
+                continue
+            if overall != "allow":
+                reasons.append(f"allow_bank:{name} {overall} -> allow {how(h)}")
+                overall = "allow"
+            else:
+                reasons.append(f"allow_bank:{name} {how(h)}")
+            record(h, True)
+        return overall, matches
 
 
 class PolicyCompiler:
@@ -235,11 +363,13 @@ class PolicyCompiler:
         self.model_dir = model_dir
         self.cache = cache
         self.text_encoder = text_encoder
+        self.banks = BankLoader()  # bank files stay loaded across policy reloads while unchanged
 
     def __call__(self, loaded: LoadedPolicy) -> CompiledPolicy:
         return compile_policy(loaded, self.model_dir.model_sha256, self.model_dir.manifest.logit_scale,
-                              self.text_encoder, self.cache)
+                              self.text_encoder, self.cache, embed_dim=self.model_dir.manifest.embed_dim,
+                              banks=self.banks)
 
-    def engine(self, loaded: LoadedPolicy) -> DecisionEngine:
+    def engine(self, loaded: LoadedPolicy, *, shadow: bool = False) -> DecisionEngine:
         m = self.model_dir
-        return DecisionEngine(self(loaded), ModelInfo(m.model_sha256, m.manifest.architecture))
+        return DecisionEngine(self(loaded), ModelInfo(m.model_sha256, m.manifest.architecture), shadow=shadow)

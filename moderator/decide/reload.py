@@ -1,6 +1,6 @@
 """Hot reload: watch the policy file and swap in valid new versions atomically.
 
-Polls the file's bytes (a content hash, not mtime alone) because Kubernetes
+Polls the file's bytes (a content hash, not mtime alone), and its bank files' stat, because Kubernetes
 updates ConfigMap mounts by swapping a symlink, which inotify on the file misses.
 A new version is validated and its embeddings fetched or computed *before* the
 swap; an invalid file is logged and counted, and the old policy stays in force.
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from moderator import metrics
-from moderator.decide.engine import CompiledPolicy, DecisionEngine
+from moderator.decide.banks import fingerprint
+from moderator.decide.engine import CompiledPolicy, DecisionEngine, bank_path
 from moderator.decide.policy import LoadedPolicy, parse_policy
 from moderator.errors import ModeratorError
 
@@ -29,12 +30,19 @@ class PolicyWatcher:
         engine: DecisionEngine,
         compile_fn: Callable[[LoadedPolicy], CompiledPolicy],
         interval_s: float = 2.0,
+        *,
+        name: str = "policy",
     ) -> None:
+        self.name = name  # "policy" or "shadow policy": log lines and the reload counter say which
+        self._reloads = metrics.SHADOW_POLICY_RELOADS if name == "shadow policy" else metrics.POLICY_RELOADS
         self.path = Path(path)
         self.engine = engine
         self.compile_fn = compile_fn
         self.interval_s = interval_s
-        self._seen = engine.policy.loaded.sha256
+        # the bank files of the last policy file read (in force or rejected): a rejected policy whose
+        # bank file was missing or bad is tried again when that file changes
+        self._bank_paths = [cb.bank.path for cb in engine.policy.banks]
+        self._seen = self._digest(engine.policy.loaded.sha256)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -44,27 +52,36 @@ class PolicyWatcher:
             data = self.path.read_bytes()
         except OSError as e:
             if self._seen != "unreadable":
-                log.error("policy file %s unreadable (%s); keeping version %s",
-                          self.path, e, self.engine.policy.version)
-                metrics.POLICY_RELOADS.labels(result="unreadable").inc()
+                log.error("%s file %s unreadable (%s); keeping version %s",
+                          self.name, self.path, e, self.engine.policy.version)
+                self._reloads.labels(result="unreadable").inc()
             self._seen = "unreadable"
             return "unreadable"
         digest = hashlib.sha256(data).hexdigest()
-        if digest == self._seen:
+        seen = self._digest(digest)
+        if seen == self._seen:
             return "unchanged"
-        self._seen = digest
+        self._seen = seen
         try:
             loaded = parse_policy(data, self.path)
+            self._bank_paths = [bank_path(loaded, ref) for ref in loaded.doc.banks]
+            self._seen = self._digest(digest)
             compiled = self.compile_fn(loaded)
         except ModeratorError as e:
-            log.error("rejected new policy file, keeping version %s: %s", self.engine.policy.version, e)
-            metrics.POLICY_RELOADS.labels(result="rejected").inc()
+            log.error("rejected new %s file, keeping version %s: %s", self.name, self.engine.policy.version, e)
+            self._reloads.labels(result="rejected").inc()
             return "rejected"
         old = self.engine.policy.version
         self.engine.swap(compiled)
-        metrics.POLICY_RELOADS.labels(result="reloaded").inc()
-        log.warning("policy reloaded: version %s -> %s (sha256 %s)", old, compiled.version, digest[:12])
+        self._reloads.labels(result="reloaded").inc()
+        log.warning("%s reloaded: version %s -> %s (sha256 %s)", self.name, old, compiled.version, digest[:12])
         return "reloaded"
+
+    def _digest(self, policy_sha256: str) -> str:
+        """The policy file's hash plus each of its banks' (inode, size, mtime): a bank file
+        replaced under an unchanged policy reloads too, without hashing gigabytes every poll."""
+        banks = [(str(p), fingerprint(p)) for p in self._bank_paths]
+        return policy_sha256 if not banks else f"{policy_sha256}|{banks}"
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -74,7 +91,7 @@ class PolicyWatcher:
                 log.exception("policy watcher failed; will retry")
 
     def start(self) -> "PolicyWatcher":
-        self._thread = threading.Thread(target=self._run, name="policy-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{self.name.replace(' ', '-')}-watcher", daemon=True)
         self._thread.start()
         return self
 

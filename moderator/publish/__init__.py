@@ -6,7 +6,8 @@ Every record is keyed by event id (so one event's records share a partition) and
 carries the model and policy versions in headers. A decision goes to
 ``decisions``; a ``flag`` is copied to ``flagged`` and an ``escalate`` to
 ``review``. Callers get one callback per *input*, once all its records are
-acknowledged -- the worker commits that input's offset only then.
+acknowledged -- the worker commits that input's offset only then. A shadow policy's
+decisions go to ``shadow-decisions`` only, and nothing waits for them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ H_POLICY_SHA = "moderator-policy-sha256"
 H_ACTION = "moderator-action"
 H_REASON = "moderator-reason"
 H_CACHED = "moderator-cached"
+H_SHADOW = "moderator-shadow"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Topics:
     flagged: str = "flagged"
     review: str = "review"
     dead_letter: str = "dead-letter"
+    shadow_decisions: str = "shadow-decisions"
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,14 @@ class DecisionPublisher:
         elif decision.action == "escalate":
             topics.append(self.topics.review)
         self._send_all(topics, decision.event_id.encode(), value, headers, on_acked, on_failed)
+
+    def publish_shadow(self, decision: Decision, on_failed: Callable[[Exception], None]) -> None:
+        """A shadow policy's decision: to the shadow topic only; no input waits for its ack."""
+        value = decision.model_dump_json().encode()
+        headers = self._headers(decision.model_sha256, decision.model_architecture, decision.policy_version,
+                                decision.policy_sha256, {H_ACTION: decision.action, H_SHADOW: "true"})
+        self._send_all([self.topics.shadow_decisions], decision.event_id.encode(), value, headers,
+                       lambda: None, on_failed)
 
     def publish_dead_letter(self, dead: DeadLetter, key: bytes | None, on_acked: Callable[[], None],
                             on_failed: Callable[[Exception], None]) -> None:

@@ -139,7 +139,7 @@ class Worker:
                                           torch=torch_options(s), device_id=s.gpu_device_id)
         if s.redis_url:  # a refused login or untrusted certificate ends the start; an outage does not
             check_redis_access(s.redis_url, s.redis_options(), timeout_s=max(1.0, s.redis_timeout_s))
-        self.engine, self._watcher = self._load_policy()
+        self.engine, self._watcher, self.shadow_engine, self._shadow_watcher = self._load_policy()
         self.embedding_cache = (
             ImageEmbeddingCache.from_url(s.redis_url, s.image_embedding_cache_ttl_s, options=s.redis_options(),
                                          timeout_s=s.redis_timeout_s, retry_s=s.redis_retry_s)
@@ -152,7 +152,8 @@ class Worker:
             event_limits=event_limits(s), decode_limits=decode_limits(s), embedding_cache=self.embedding_cache,
             jpeg_draft=s.jpeg_draft, client_id=s.client_id,
             dead_letter_max_value_bytes=s.dead_letter_max_value_bytes, on_fatal=self._fail,
-            device_jpeg=getattr(self.encoder, "device_jpeg", None))  # set only for torch on CUDA with gpu_decode
+            device_jpeg=getattr(self.encoder, "device_jpeg", None),  # set only for torch on CUDA with gpu_decode
+            shadow_engine=self.shadow_engine)
         self.stages = BatchStages(self.pipeline, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
                                   prepare_workers=s.prepare_workers, decode_slots=s.decode_slots(),
                                   adaptive=s.adaptive_batching,
@@ -185,7 +186,15 @@ class Worker:
         engine = compile_fn.engine(load_policy(s.policy))
         watcher = (PolicyWatcher(s.policy, engine, compile_fn, s.policy_reload_interval_s)
                    if s.policy_reload_interval_s > 0 else None)
-        return engine, watcher
+        shadow = shadow_watcher = None
+        if s.shadow_policy is not None:  # an invalid shadow policy fails the start like the live one
+            shadow = compile_fn.engine(load_policy(s.shadow_policy), shadow=True)
+            if s.policy_reload_interval_s > 0:
+                shadow_watcher = PolicyWatcher(s.shadow_policy, shadow, compile_fn, s.policy_reload_interval_s,
+                                               name="shadow policy")
+            log.info("shadow policy loaded", extra={"event": "shadow_policy", "version": shadow.policy.version,
+                                                    "topic": s.shadow_decisions_topic})
+        return engine, watcher, shadow, shadow_watcher
 
     def _quantization(self) -> str:
         q = self.model_dir.manifest.quantization
@@ -274,9 +283,10 @@ class Worker:
         closing.callback(metrics.WORKER_READY.set_function, lambda: 0.0)
         closing.callback(metrics.ASSIGNED_PARTITIONS.set_function, lambda: 0.0)
         self._warm_up()
-        if self._watcher:
-            self._watcher.start()
-            closing.callback(self._watcher.stop)
+        for watcher in (self._watcher, self._shadow_watcher):
+            if watcher:
+                watcher.start()
+                closing.callback(watcher.stop)
         if self.embedding_cache is not None:
             closing.callback(self.embedding_cache.close)
         closing.callback(self.stages.shutdown)

@@ -91,6 +91,8 @@ class Publisher(Protocol):
     def publish_dead_letter(self, dead: DeadLetter, key: bytes | None, on_acked: Callable[[], None],
                             on_failed: Callable[[Exception], None]) -> None: ...
 
+    def publish_shadow(self, decision: Decision, on_failed: Callable[[Exception], None]) -> None: ...
+
 
 # Stages whose time the benchmark reports per event (seconds summed over events).
 STAGES = ("queue_wait", "parse", "fetch", "hash_cache", "decode", "gpu_decode", "encode", "score", "publish_call")
@@ -137,6 +139,22 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def record_disagreements(live: Decision, shadow: Decision) -> None:
+    """``moderator_shadow_disagreements_total``: per category both policies score, and overall."""
+    if live.action != shadow.action:
+        metrics.SHADOW_DISAGREEMENTS.labels(category="_overall", live=live.action, shadow=shadow.action).inc()
+    theirs = {c.id: c.action for c in shadow.categories}
+    for c in live.categories:
+        other = theirs.get(c.id)
+        if other is not None and other != c.action:
+            metrics.SHADOW_DISAGREEMENTS.labels(category=c.id, live=c.action, shadow=other).inc()
+
+
+def _shadow_failed(err: Exception) -> None:
+    metrics.SHADOW_ERRORS.labels(stage="publish").inc()
+    log.warning("shadow decision not published: %s", err)
+
+
 class Pipeline:
     """prepare -> finish for one worker. The publisher is attached when the worker starts."""
 
@@ -145,8 +163,9 @@ class Pipeline:
                  stats: WorkerStats, fetcher: UrlFetcher, event_limits: EventLimits, decode_limits: DecodeLimits,
                  embedding_cache: ImageEmbeddingCache | None, jpeg_draft: bool, client_id: str,
                  dead_letter_max_value_bytes: int, on_fatal: Callable[[BaseException], None],
-                 device_jpeg=None) -> None:
+                 device_jpeg=None, shadow_engine: DecisionEngine | None = None) -> None:
         self.engine = engine
+        self.shadow_engine = shadow_engine  # decides too, publishes to the shadow topic only
         self.encoder = encoder
         self.preprocessor = encoder.preprocessor
         self.model_sha256 = model_sha256
@@ -245,7 +264,11 @@ class Pipeline:
         t0 = time.perf_counter()
         p.image_sha256 = hashlib.sha256(data).hexdigest()
         hit = False
-        if self.embedding_cache is not None:
+        banked = self.engine.policy.bank_embedding(p.image_sha256)  # a banked file, byte for byte
+        if banked is not None and banked.shape == (self.embed_dim,):
+            p.embedding, hit = banked, True
+            p.timings["bank_sha256"] = 1.0
+        elif self.embedding_cache is not None:
             emb = self.embedding_cache.get(image_embedding_key(self.model_sha256, p.image_sha256))
             if emb is not None and emb.shape == (self.embed_dim,):
                 p.embedding, p.cached, hit = emb, True, True
@@ -308,9 +331,31 @@ class Pipeline:
             # handing records to the producer; the broker's ack time is the "publish" stage metric
             self.stats.took("publish_call", time.perf_counter() - t0, len(good), observe=False)
             self.stats.add(decisions=len(good), cache_hits=hits)
+            if self.shadow_engine is not None:
+                self._shadow(good, decisions)
         for p in live:
             if p.error is not None:
                 self.publish_dead_letter(p)
+
+    def _shadow(self, good: list[Prepared], live: list[Decision]) -> None:
+        """The shadow policy on the same embeddings. Never changes, delays the commit of, or
+        fails a live decision: its errors are counted and logged, and nothing waits for its acks."""
+        try:
+            shadow = self.shadow_engine.decide(
+                [p.event_id for p in good], np.stack([p.embedding for p in good]),
+                image_sha256=[p.image_sha256 for p in good], timings_ms=[dict(p.timings) for p in good],
+                metadata=[p.event.metadata for p in good])
+        except Exception:
+            metrics.SHADOW_ERRORS.labels(stage="decide").inc()
+            log.exception("shadow policy failed to decide a batch (live decisions unaffected)")
+            return
+        for d_live, d in zip(live, shadow):
+            d.cached = d_live.cached
+            record_disagreements(d_live, d)
+            try:
+                self.publisher.publish_shadow(d, _shadow_failed)
+            except Exception as e:  # a buffer-full timeout or a closed producer
+                _shadow_failed(e)
 
     def _device_decode(self, items: list[Prepared]):
         """nvJPEG the batch's JPEGs; the ones it cannot decode take the CPU path here."""

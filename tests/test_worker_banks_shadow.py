@@ -1,0 +1,212 @@
+"""Image banks and the shadow policy through the streaming worker, on the real broker.
+
+The trained demo model decides synthetic shapes. A known-bad bank holds one image the
+demo policy allows (a banked file sent again, and a resized, re-encoded JPEG copy of it,
+are both flagged with ``bank:``); an allow bank holds one image the policy flags (it is
+allowed). A shadow policy with a lower threshold runs beside the live one: its records
+go to the shadow topic with the disagreements the test predicts from the live scores,
+and the live topics are the same as those of a worker without it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from kafka import KafkaConsumer
+from PIL import Image
+
+from moderator import metrics
+from moderator.produce import OutgoingEvent, encode_image, produce
+
+DEMO_POLICY_PATH = Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
+THRESHOLD = 0.95  # bank cosine threshold in this test
+SHADOW_YELLOW_ESCALATE = 0.3  # the live demo policy escalates yellow shapes from 0.8
+
+
+def _near_duplicate(png: bytes) -> bytes:
+    """Resized to 80% and re-encoded as a JPEG at quality 75: what a re-upload looks like."""
+    with Image.open(io.BytesIO(png)) as im:
+        im = im.convert("RGB")
+        small = im.resize((int(im.width * 0.8), int(im.height * 0.8)), Image.BICUBIC)
+    return encode_image(small, "JPEG", quality=75)
+
+
+@pytest.fixture(scope="module")
+def case(demo_model, tmp_path_factory):
+    """Images picked from the demo domain by what the model itself sees, and the bank files."""
+    from moderator.bank_tool import BankBuilder, Source
+    from moderator.encode import ImageEncoder
+    from moderator.model import synth
+
+    tmp = tmp_path_factory.mktemp("banks")
+    rng = np.random.default_rng(4242)
+    pool = {label: [encode_image(synth.draw_sample(rng, 96, *label.split(" ", 1)).image) for _ in range(6)]
+            for label in ("blue square", "red star", "green circle", "yellow triangle", "purple star")}
+    enc = ImageEncoder(demo_model.model_dir)
+
+    def emb(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return enc.encode([im.convert("RGB")])[0]
+
+    # the banned image: allowed by the policy, and its near-duplicate stays well above the threshold
+    banned = max(pool["blue square"], key=lambda d: float(emb(d) @ emb(_near_duplicate(d))))
+    near = _near_duplicate(banned)
+    assert float(emb(banned) @ emb(near)) >= THRESHOLD + 0.02
+    trusted = pool["red star"][0]  # the policy flags red stars; this one is allow-listed
+    banked = np.stack([emb(banned), emb(trusted)])
+    # controls: images no bank item is near (the tiny demo model matches by class, not by instance)
+    controls = [d for label in ("green circle", "yellow triangle", "purple star") for d in pool[label]
+                if float((banked @ emb(d)).max()) < THRESHOLD - 0.1][:6]
+    assert len(controls) >= 4
+
+    files = {}
+    for name, data in (("banned", banned), ("trusted", trusted)):
+        files[name] = tmp / f"{name}.png"
+        files[name].write_bytes(data)
+    builder = BankBuilder(demo_model.model_dir, progress=False)
+    builder.build(tmp / "known-bad.npz", "known_bad", [Source(files["banned"], "case-17", "weapons", "test")])
+    builder.build(tmp / "trusted.npz", "trusted", [Source(files["trusted"], "brand-logo-3", "logo", "test")])
+
+    doc = yaml.safe_load(DEMO_POLICY_PATH.read_text())
+    doc["version"] = "demo-banks"
+    doc["banks"] = [
+        {"name": "known_bad", "path": "known-bad.npz", "kind": "known_bad", "threshold": THRESHOLD,
+         "action": "flag"},
+        {"name": "trusted", "path": "trusted.npz", "kind": "allow", "threshold": THRESHOLD},
+    ]
+    (tmp / "policy.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    shadow = yaml.safe_load(DEMO_POLICY_PATH.read_text())
+    shadow["version"] = "demo-shadow"
+    for c in shadow["categories"]:
+        if c["id"] == "yellow_shapes":
+            c["thresholds"]["escalate"] = SHADOW_YELLOW_ESCALATE
+    (tmp / "shadow.yaml").write_text(yaml.safe_dump(shadow, sort_keys=False))
+    return {"dir": tmp, "banned": banned, "near": near, "trusted": trusted, "controls": controls,
+            "pool": pool}
+
+
+def _read_topic(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> list:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False)
+    out, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(out) < n and time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=300).values():
+                out.extend(recs)
+    finally:
+        consumer.close()
+    return out
+
+
+@pytest.mark.slow
+def test_banked_near_duplicate_and_allow_listed_images(
+        case, demo_model, stream_topics, worker_settings, start_worker, read_outputs, kafka_bootstrap):
+    topics = stream_topics(2)
+    start_worker(worker_settings(demo_model.model_dir, topics, policy=case["dir"] / "policy.yaml", max_batch=8))
+    before = {a: metrics.BANK_MATCHES.labels(bank=b, action=a)._value.get()
+              for b, a in (("known_bad", "flag"), ("trusted", "allow"))}
+    events = [OutgoingEvent("banned-exact", "bank", image=case["banned"]),
+              OutgoingEvent("banned-near", "bank", image=case["near"]),
+              OutgoingEvent("trusted-exact", "allow", image=case["trusted"]),
+              *[OutgoingEvent(f"control-{i}", "control", image=d) for i, d in enumerate(case["controls"])]]
+    produce(kafka_bootstrap, topics.input, events)
+    out = read_outputs(topics, len(events), timeout_s=120)
+    got = {v["event_id"]: v for _, v in out[topics.decisions]}
+    assert set(got) == {e.id for e in events} and out[topics.dead_letter] == []
+
+    for eid, by_sha in (("banned-exact", True), ("banned-near", False)):
+        d = got[eid]
+        assert d["action"] == "flag", d
+        assert d["categories"] and all(c["action"] == "allow" for c in d["categories"])  # the bank flagged it
+        (m,) = d["bank_matches"]
+        assert (m["bank"], m["kind"], m["item_id"], m["applied"], m["by_sha256"]) == (
+            "known_bad", "known_bad", "case-17", True, by_sha)
+        assert m["similarity"] >= THRESHOLD
+        assert any(r.startswith("bank:known_bad flag item case-17") for r in d["reasons"])
+    assert got["banned-exact"]["bank_matches"][0]["similarity"] > 0.999  # the stored embedding itself
+    t = got["trusted-exact"]
+    assert t["action"] == "allow" and any(c["id"] == "red_star" and c["action"] == "flag" for c in t["categories"])
+    assert t["bank_matches"][0]["item_id"] == "brand-logo-3" and t["bank_matches"][0]["applied"]
+    assert any(r.startswith("allow_bank:trusted flag -> allow item brand-logo-3") for r in t["reasons"])
+    for i in range(len(case["controls"])):
+        assert got[f"control-{i}"]["bank_matches"] == []
+    flagged = sorted(v["event_id"] for _, v in out[topics.flagged])
+    assert flagged == ["banned-exact", "banned-near"]
+    assert metrics.BANK_MATCHES.labels(bank="known_bad", action="flag")._value.get() == before["flag"] + 2
+    assert metrics.BANK_MATCHES.labels(bank="trusted", action="allow")._value.get() == before["allow"] + 1
+
+
+def _volatile_free(v: dict) -> dict:
+    """A live decision without the two fields that differ between any two runs."""
+    return {k: x for k, x in v.items() if k not in ("decided_at", "timings_ms")}
+
+
+@pytest.mark.slow
+def test_shadow_policy_decides_beside_the_live_one_and_changes_nothing_live(
+        case, demo_model, stream_topics, topic_factory, worker_settings, start_worker, read_outputs,
+        kafka_bootstrap):
+    from moderator.decide.policy import load_policy
+
+    plain_topics, shadowed_topics = stream_topics(2), stream_topics(2)
+    shadowed_topics.input = plain_topics.input  # both workers read the same input (two groups)
+    shadow_topic = topic_factory(1, suffix="shadow")
+    start_worker(worker_settings(demo_model.model_dir, plain_topics, max_batch=8))
+    shadow_worker = start_worker(worker_settings(
+        demo_model.model_dir, shadowed_topics, max_batch=8, shadow_policy=case["dir"] / "shadow.yaml",
+        shadow_decisions_topic=shadow_topic))
+    assert shadow_worker.shadow_engine.policy.version == "demo-shadow"
+    yellow = ("yellow_shapes", "allow", "escalate")
+    before = metrics.SHADOW_DISAGREEMENTS.labels(category=yellow[0], live=yellow[1], shadow=yellow[2])._value.get()
+    before_overall = Counter({k: metrics.SHADOW_DISAGREEMENTS.labels(category="_overall", live=k[0], shadow=k[1])
+                              ._value.get() for k in (("allow", "escalate"),)})
+    images = [d for ds in case["pool"].values() for d in ds]
+    events = [OutgoingEvent(f"sh-{i}", "any", image=d) for i, d in enumerate(images)]
+    produce(kafka_bootstrap, plain_topics.input, events)
+    plain = read_outputs(plain_topics, len(events), timeout_s=120)
+    live = read_outputs(shadowed_topics, len(events), timeout_s=120)
+    shadow_records = _read_topic(kafka_bootstrap, shadow_topic, len(events))
+
+    # live topics: the same records as without a shadow policy (keys, headers, values but the clock)
+    for name in ("decisions", "flagged", "review", "dead_letter"):
+        a = sorted((r.key, sorted(r.headers), json.dumps(_volatile_free(v), sort_keys=True))
+                   for r, v in plain[getattr(plain_topics, name)])
+        b = sorted((r.key, sorted(r.headers), json.dumps(_volatile_free(v), sort_keys=True))
+                   for r, v in live[getattr(shadowed_topics, name)])
+        assert a == b, name
+    assert all(not v["shadow"] for _, v in live[shadowed_topics.decisions])
+
+    # the shadow topic: one record per decision, marked, by the shadow policy
+    sh = {r.key.decode(): (r, json.loads(r.value)) for r in shadow_records}
+    assert len(shadow_records) == len(events) and set(sh) == {e.id for e in events}
+    shadow_doc = load_policy(case["dir"] / "shadow.yaml")
+    expected_disagreements = 0
+    for _, v in live[shadowed_topics.decisions]:
+        r, s = sh[v["event_id"]]
+        assert s["shadow"] is True and s["policy_version"] == "demo-shadow"
+        assert s["policy_sha256"] == shadow_doc.sha256
+        assert dict((k, x.decode()) for k, x in r.headers)["moderator-shadow"] == "true"
+        live_yellow = next(c for c in v["categories"] if c["id"] == "yellow_shapes")
+        shadow_yellow = next(c for c in s["categories"] if c["id"] == "yellow_shapes")
+        assert shadow_yellow["score"] == live_yellow["score"]  # the same embedding, the same prompts
+        want = "escalate" if live_yellow["score"] >= SHADOW_YELLOW_ESCALATE else "allow"
+        assert shadow_yellow["action"] == want
+        expected_disagreements += (live_yellow["action"], want) == ("allow", "escalate")
+        for c_live, c_sh in zip(v["categories"], s["categories"]):
+            if c_live["id"] != "yellow_shapes":
+                assert c_live["action"] == c_sh["action"]
+    assert expected_disagreements >= 3, "the lower threshold must change some decisions in this set"
+    got = metrics.SHADOW_DISAGREEMENTS.labels(category=yellow[0], live=yellow[1], shadow=yellow[2])._value.get()
+    assert got - before == expected_disagreements
+    overall = metrics.SHADOW_DISAGREEMENTS.labels(category="_overall", live="allow", shadow="escalate")._value.get()
+    assert overall - before_overall[("allow", "escalate")] >= 1
+    # the shadow decisions are nowhere on the live topics
+    live_ids = Counter(v["event_id"] for _, v in live[shadowed_topics.review])
+    plain_ids = Counter(v["event_id"] for _, v in plain[plain_topics.review])
+    assert live_ids == plain_ids
