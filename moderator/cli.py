@@ -42,7 +42,12 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
     for split, n in (("train", a.train), ("heldout", a.heldout)):
         if n:
-            print(write_dataset(a.out, n, a.seed, split, a.size))
+            jsonl = write_dataset(a.out, n, a.seed, split, a.size)
+            print(jsonl)
+            if a.policy_labels:
+                from moderator.model.demo_labels import write_policy_labels
+
+                print(write_policy_labels(jsonl, a.out / f"{split}.policy-labels.jsonl"))
     return 0
 
 
@@ -73,6 +78,20 @@ def _cmd_demo_model(a: argparse.Namespace) -> int:
     if r["errors"]:
         print("most frequent confusions: " + ", ".join(f"{k} ({v})" for k, v in list(r["errors"].items())[:5]))
     print(f"held-out zero-shot accuracy: {r['accuracy']:.2f}")
+    if a.write_labels:
+        from moderator.model.demo_labels import write_policy_labels
+
+        print(f"labels for deploy/policies/demo.yaml: {write_policy_labels(d.heldout_jsonl, a.write_labels)}")
+    if a.compare_templates:
+        from moderator.model.demo import zero_shot_accuracy
+        from moderator.model.synth import ZERO_SHOT_TEMPLATES
+
+        for t in ZERO_SHOT_TEMPLATES:
+            acc = zero_shot_accuracy(d.model_dir, d.heldout_jsonl, (t,))
+            print(f"  single template {t!r}: {acc['accuracy']:.4f} (worst class {acc['worst_class_accuracy']:.2f})")
+        acc = zero_shot_accuracy(d.model_dir, d.heldout_jsonl)
+        print(f"  ensemble of {len(ZERO_SHOT_TEMPLATES)}: {acc['accuracy']:.4f} "
+              f"(worst class {acc['worst_class_accuracy']:.2f})")
     return 0
 
 
@@ -341,6 +360,41 @@ def _cmd_bank(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    from moderator.calibrate import calibrate, compare_templates
+
+    r = calibrate(a.model_dir, a.policy, a.labels, a.out, flag_precision=a.flag_precision,
+                  escalate_recall=a.escalate_recall, holdout=a.holdout, seed=a.seed, version=a.version,
+                  plots=not a.no_plots, confidence=a.confidence)
+    if a.compare_templates:
+        r.report["template_comparison"] = compare_templates(a.model_dir, a.policy, a.labels)
+        (r.out_dir / "report.json").write_text(json.dumps(r.report, indent=2))
+    if a.json:
+        print(json.dumps(r.report))
+    else:
+        rep = r.report
+        print(f"{rep['images']} images: {rep['calibration_images']} to calibrate, {rep['heldout_images']} held out")
+        print(f"{'category':<22} {'flag':>9} {'escalate':>9}   held out: flag precision / recall, escalate recall")
+        for cid, e in rep["categories"].items():
+            if "new" not in e:
+                print(f"{cid:<22} {'':>9} {'':>9}   skipped: {e['skipped']}")
+                continue
+            new, held = e["new"], e["heldout"]
+            flag = "null" if new["flag"] is None else f"{new['flag']:.4f}"
+            hf, he = held["flag"], held["escalate"]
+            fp = f"{hf.get('precision')} / {hf.get('recall')}" if new["flag"] is not None else "(review only)"
+            print(f"{cid:<22} {flag:>9} {new['escalate']:>9.4f}   {fp}, {he.get('recall')}"
+                  + ("   FLAG PRECISION NOT REACHED (old flag kept)" if "flag_unmet" in e else ""))
+        print(f"policy: {r.policy_path} (version {rep['new_version']}); report: {r.out_dir / 'report.json'}"
+              + (f"; plots: {', '.join(p.name for p in r.plots)}" if r.plots else ""))
+    for cid in dict.fromkeys(r.unmet):
+        e = r.report["categories"][cid]
+        for key in ("skipped", "flag_unmet", "escalate_unmet"):
+            if key in e:
+                print(f"moderator calibrate: warning: {cid}: {e[key]}", file=sys.stderr)
+    return 0
+
+
 def _cmd_docs(a: argparse.Namespace) -> int:
     from moderator import docs
 
@@ -392,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heldout", type=int, default=1000, help="held-out images (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=96, help="image side in pixels (default: %(default)s)")
+    s.add_argument("--policy-labels", action="store_true",
+                   help="also write <split>.policy-labels.jsonl: the demo policy's categories per image "
+                        "(input of moderator calibrate)")
     s.set_defaults(func=_cmd_synth)
 
     f = sub.add_parser("finetune", help="train / fine-tune CLIP on image-caption pairs",
@@ -419,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train, export and evaluate the tiny demo CLIP (cached).")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--force", action="store_true", help="retrain even when cached")
+    d.add_argument("--write-labels", type=Path, metavar="FILE",
+                   help="write the held-out set's labels for the demo policy (input of moderator calibrate)")
+    d.add_argument("--compare-templates", action="store_true",
+                   help="held-out zero-shot accuracy with each template alone and with the ensemble")
     d.set_defaults(func=_cmd_demo_model)
 
     c = sub.add_parser("classify", help="decide allow/flag/escalate for local image files",
@@ -569,6 +630,30 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--hold", action="store_true", help="keep everything running until Ctrl-C")
     dm.set_defaults(func=_cmd_demo)
+
+    cal = sub.add_parser("calibrate", help="per-category thresholds from labelled images (PR curves, report)",
+                         description="Choose flag thresholds for a precision and escalate thresholds for a "
+                                     "recall on a calibration split, report them on a held-out split, and "
+                                     "write the policy with the new thresholds and a new version.")
+    cal.add_argument("--labels", type=Path, required=True,
+                     help='JSON Lines: {"path": ..., "categories": [ids] or "none"} per image')
+    cal.add_argument("--policy", type=Path, required=True)
+    cal.add_argument("--model-dir", type=Path, required=True)
+    cal.add_argument("--out", type=Path, required=True, help="folder for policy.yaml, report.json and the PNGs")
+    cal.add_argument("--flag-precision", type=float, default=0.95)
+    cal.add_argument("--escalate-recall", type=float, default=0.9)
+    cal.add_argument("--holdout", type=float, default=0.5, help="share of images held out (default: %(default)s)")
+    cal.add_argument("--seed", type=int, default=0, help="the split's seed")
+    cal.add_argument("--confidence", type=float, default=0.9,
+                     help="a target counts as met when its one-sided Wilson lower bound at this confidence "
+                          "reaches it on the calibration split; 0: the observed share (default: %(default)s)")
+    cal.add_argument("--version", help="version of the new policy (default: <old>+cal.<UTC time>)")
+    cal.add_argument("--no-plots", action="store_true")
+    cal.add_argument("--compare-templates", action="store_true",
+                     help="also report the policy's precision/recall with its template ensemble vs its first "
+                          "template only")
+    cal.add_argument("--json", action="store_true", help="print the report as JSON")
+    cal.set_defaults(func=_cmd_calibrate)
 
     bk = sub.add_parser("bank", help="build and edit image banks (known-bad and allow-list embeddings)",
                         description="Image banks: embeddings of known images under one model, matched by the "

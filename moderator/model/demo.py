@@ -54,15 +54,16 @@ class DemoModel:
     report: dict
 
 
-def zero_shot_accuracy(model_dir: Path, jsonl: Path) -> dict:
-    """Held-out zero-shot accuracy through the exported ONNX encoders (the serving path)."""
+def zero_shot_accuracy(model_dir: Path, jsonl: Path, templates: tuple[str, ...] = synth.ZERO_SHOT_TEMPLATES) -> dict:
+    """Held-out zero-shot accuracy through the exported ONNX encoders (the serving path), class
+    names embedded as an ensemble over ``templates`` (one template: no ensemble)."""
     import numpy as np  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
     from moderator.encode import ImageEncoder, TextEncoder, ensemble_embeddings  # noqa: PLC0415
 
     names = synth.class_names()
-    text = ensemble_embeddings(TextEncoder(model_dir), names, synth.ZERO_SHOT_TEMPLATES)
+    text = ensemble_embeddings(TextEncoder(model_dir), names, templates)
     image_encoder = ImageEncoder(model_dir)
     records = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
     correct, per_class, confusion = 0, {n: [0, 0] for n in names}, {}
