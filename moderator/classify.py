@@ -17,6 +17,7 @@ from moderator.decide.embeddings import InProcessCache, RedisEmbeddingCache
 from moderator.decide.engine import PolicyCompiler
 from moderator.decide.policy import load_policy
 from moderator.decode import DecodeLimits, decode_image
+from moderator.decode.pdq import pdq_hash
 from moderator.encode import ImageEncoder, ModelDirectory, TextEncoder
 from moderator.errors import InputError, ModeratorError
 from moderator.schemas import Decision
@@ -85,10 +86,11 @@ class Classifier:
         enc_ms = (time.perf_counter() - t0) * 1000 / len(batch)
         for _, _, t in batch:
             t["encode"] = round(enc_ms, 3)
+        pdq = [pdq_hash(d.image) for _, d, _ in batch] if self.engine.policy.needs_pdq else None
         decisions = self.engine.decide(
             [f"file:{p.name}:{d.sha256[:16]}" if d.sha256 else str(uuid.uuid4()) for p, d, _ in batch], emb,
             image_sha256=[d.sha256 for _, d, _ in batch], timings_ms=[t for _, _, t in batch],
-            metadata=[{"path": str(p)} for p, _, _ in batch],
+            metadata=[{"path": str(p)} for p, _, _ in batch], pdq=pdq,
         )
         for (p, _, _), dec in zip(batch, decisions):
             yield FileResult(p, decision=dec)

@@ -222,6 +222,21 @@ class BankRef(_Strict):
         return self
 
 
+class PdqBankRef(_Strict):
+    """A bank of PDQ hashes (ThreatExchange / Hasher-Matcher-Actioner interop): a CSV or TSV file
+    whose rows are a 64-hex-digit PDQ hash and, optionally, an id and a label. An image whose PDQ
+    hash is within ``max_distance`` bits (Hamming) of a row is a known-bad match, reason ``pdq:<name>``.
+    Listing any PDQ bank makes the worker compute PDQ for every image (a per-policy cost)."""
+
+    name: str = Field(pattern=_ID_PATTERN)
+    path: str = Field(min_length=1, description="the hash file; relative paths start at the policy file's folder")
+    max_distance: int = Field(default=31, ge=0, le=128, description="Hamming distance (bits of 256); 31 is HMA's")
+    min_quality: int = Field(
+        default=50, ge=0, le=100,
+        description="PDQ quality below which an image is not matched (flat or tiny images hash unreliably)")
+    action: Literal["flag", "escalate"] = "flag"
+
+
 class PolicyDoc(_Strict):
     """A versioned moderation policy (YAML on disk)."""
 
@@ -233,6 +248,7 @@ class PolicyDoc(_Strict):
     )
     categories: list[Category] = Field(min_length=1)
     banks: list[BankRef] = Field(default_factory=list, description="image banks matched against every image")
+    pdq_banks: list[PdqBankRef] = Field(default_factory=list, description="PDQ hash banks (known-bad)")
 
     @field_validator("templates")
     @classmethod
@@ -269,10 +285,10 @@ class PolicyDoc(_Strict):
                 cur = parent[cur]
         if not any(c.enabled for c in self.categories):
             raise ValueError("categories: every category is disabled")
-        names = [b.name for b in self.banks]
+        names = [b.name for b in self.banks] + [b.name for b in self.pdq_banks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"banks: duplicate bank names: {dupes}")
+            raise ValueError(f"banks: duplicate bank names (banks and pdq_banks share one namespace): {dupes}")
         return self
 
 
@@ -330,9 +346,11 @@ class BankMatch(_Strict):
 
     bank: str
     kind: Literal["known_bad", "allow"]
+    method: Literal["embedding", "pdq"] = "embedding"
     item_id: str
     label: str | None = None
-    similarity: float
+    similarity: float = Field(description="cosine of the embeddings; for PDQ 1 - distance / 256")
+    distance: int | None = Field(default=None, description="PDQ only: Hamming distance of the hashes (bits)")
     by_sha256: bool = Field(default=False, description="the image's bytes are the banked file's")
     applied: bool = Field(description="whether the match changed or set the action "
                                       "(an allow match does not override a never_overridable category)")

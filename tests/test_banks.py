@@ -322,3 +322,81 @@ def test_bench_finds_planted_copies():
 
     (row,) = bench_matching([2_000], dim=64, batch=8, seconds=0.05, faiss_indexes=False)
     assert row["numpy_found_planted"] == row["planted"] == 8 and row["numpy_exact_ms_per_batch"] > 0
+
+
+# --- PDQ hash banks ------------------------------------------------------------------------------
+
+
+def _pdq_policy(folder, csv_name="hashes.csv", **ref):
+    ref = {"name": "tx", "path": csv_name, **ref}
+    return POLICY.split("banks:")[0] + "pdq_banks:\n  - " + json.dumps(ref) + "\n"
+
+
+def test_pdq_bank_files_csv_tsv_header_comments_and_errors(tmp_path):
+    from moderator.decide.pdq import read_pdq_bank
+
+    h1, h2 = "f" * 64, "0" * 63 + "1"
+    p = tmp_path / "a.csv"
+    p.write_text(f"pdq_hash,id,label\n# exported from ThreatExchange\n{h1},te-1,weapons\n\n{h2}\n")
+    bank = read_pdq_bank(p)
+    assert bank.ids == ("te-1", "line-5") and bank.labels == ("weapons", None) and bank.hashes.shape == (2, 32)
+    p.write_text(f"{h1}\tte-1\n{h2}\tte-2\n")
+    assert read_pdq_bank(p).ids == ("te-1", "te-2")
+    for text, message in (
+            (f"{h1},a\nnot-a-hash,b\n", r"a.csv: line 2: 'not-a-hash' is not a PDQ hash"),
+            (f"{h1},a\n{h2[:-1]},b\n", r"line 2: .* is not a PDQ hash"),
+            (f"{h1},a\n{h2},a\n", r"line 2: id 'a' already used on line 1"),
+            (f"{h1},a,b,c\n", r"line 1: expected hash\[,id\[,label\]\], got 4 fields")):
+        p.write_text(text)
+        with pytest.raises(BankError, match=message):
+            read_pdq_bank(p)
+    p.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(BankError, match="not UTF-8"):
+        read_pdq_bank(p)
+
+
+def test_pdq_matching_distance_quality_and_reason(md, tmp_path):
+    pytest.importorskip("pdqhash")
+    from PIL import Image
+
+    from moderator.decode.pdq import pdq_hash
+    from moderator.model.synth import draw_sample
+
+    rng = np.random.default_rng(9)
+    img = draw_sample(rng, 256, "green", "star").image.convert("RGB")
+    h, quality = pdq_hash(img)
+    assert len(h) == 32 and quality >= 50
+    near, _ = pdq_hash(img.resize((200, 200), Image.BILINEAR))
+    other, _ = pdq_hash(draw_sample(rng, 256, "blue", "circle").image.convert("RGB"))
+    bits = lambda a, b: int(np.unpackbits(np.frombuffer(bytes(x ^ y for x, y in zip(a, b)), np.uint8)).sum())  # noqa: E731
+    assert bits(h, near) <= 31 < bits(h, other)
+    (tmp_path / "hashes.csv").write_text(f"{h.hex()},te-42,weapons\n")
+    policy = _compile(md, tmp_path, _pdq_policy(tmp_path))
+    assert policy.needs_pdq
+    x = _unit(np.random.default_rng(0), 3, md.manifest.embed_dim)
+    engine = DecisionEngine(policy, ModelInfo("m", "t"))
+    d_near, d_other, d_low = engine.decide(["a", "b", "c"], x, pdq=[(near, quality), (other, 90), (h, 10)])
+    assert d_near.action == "flag" and d_other.action == "allow" and d_low.bank_matches == []
+    (m,) = d_near.bank_matches
+    assert (m.bank, m.method, m.item_id, m.label, m.distance) == ("tx", "pdq", "te-42", "weapons", bits(h, near))
+    assert any(r.startswith(f"pdq:tx flag item te-42 distance {bits(h, near)} <= 31") for r in d_near.reasons)
+    # no hash given (an image the worker could not hash): nothing matches, nothing breaks
+    assert engine.decide(["d"], x[:1], pdq=[None])[0].bank_matches == []
+
+
+def test_a_pdq_policy_without_the_package_is_refused_at_load(md, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pdqhash(name, *a, **kw):
+        if name == "pdqhash":
+            raise ImportError("No module named 'pdqhash'")
+        return real_import(name, *a, **kw)
+
+    (tmp_path / "hashes.csv").write_text("f" * 64 + "\n")
+    monkeypatch.setattr(builtins, "__import__", no_pdqhash)
+    from moderator.errors import MissingDependency
+
+    with pytest.raises(MissingDependency, match=r"moderator\[pdq\]"):
+        _compile(md, tmp_path, _pdq_policy(tmp_path))

@@ -1,9 +1,10 @@
-"""Image banks and the shadow policy through the streaming worker, on the real broker.
+"""Image banks, PDQ banks and the shadow policy through the streaming worker, on the real broker.
 
 The trained demo model decides synthetic shapes. A known-bad bank holds one image the
 demo policy allows (a banked file sent again, and a resized, re-encoded JPEG copy of it,
 are both flagged with ``bank:``); an allow bank holds one image the policy flags (it is
-allowed). A shadow policy with a lower threshold runs beside the live one: its records
+allowed); a ThreatExchange-style PDQ CSV holds the hash of another (its resized JPEG copy
+is flagged with ``pdq:``). A shadow policy with a lower threshold runs beside the live one: its records
 go to the shadow topic with the disagreements the test predicts from the live scores,
 and the live topics are the same as those of a worker without it.
 """
@@ -66,6 +67,24 @@ def case(demo_model, tmp_path_factory):
                 if float((banked @ emb(d)).max()) < THRESHOLD - 0.1][:6]
     assert len(controls) >= 4
 
+    # a PDQ bank (ThreatExchange-style CSV) with the hash of one larger image: PDQ needs some detail
+    from moderator.decode.pdq import pdq_hash
+
+    def pdq(data: bytes) -> tuple[bytes, int]:
+        with Image.open(io.BytesIO(data)) as im:
+            return pdq_hash(im.convert("RGB"))
+
+    def bits(a: bytes, b: bytes) -> int:
+        return int(np.unpackbits(np.frombuffer(bytes(x ^ y for x, y in zip(a, b)), np.uint8)).sum())
+
+    candidates = [encode_image(synth.draw_sample(rng, 256, "green", "triangle").image) for _ in range(8)]
+    scored = [(bits(pdq(d)[0], pdq(_near_duplicate(d))[0]), d) for d in candidates if pdq(d)[1] >= 60]
+    distance, hashed = min(scored, key=lambda t: t[0])
+    assert distance <= 20
+    (tmp / "threatexchange.csv").write_text(f"pdq_hash,id,label\n{pdq(hashed)[0].hex()},te-9001,weapons\n")
+    controls = [d for d in controls if bits(pdq(d)[0], pdq(hashed)[0]) > 64]
+    assert len(controls) >= 4
+
     files = {}
     for name, data in (("banned", banned), ("trusted", trusted)):
         files[name] = tmp / f"{name}.png"
@@ -81,6 +100,7 @@ def case(demo_model, tmp_path_factory):
          "action": "flag"},
         {"name": "trusted", "path": "trusted.npz", "kind": "allow", "threshold": THRESHOLD},
     ]
+    doc["pdq_banks"] = [{"name": "threatexchange", "path": "threatexchange.csv", "max_distance": 31}]
     (tmp / "policy.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     shadow = yaml.safe_load(DEMO_POLICY_PATH.read_text())
     shadow["version"] = "demo-shadow"
@@ -89,7 +109,8 @@ def case(demo_model, tmp_path_factory):
             c["thresholds"]["escalate"] = SHADOW_YELLOW_ESCALATE
     (tmp / "shadow.yaml").write_text(yaml.safe_dump(shadow, sort_keys=False))
     return {"dir": tmp, "banned": banned, "near": near, "trusted": trusted, "controls": controls,
-            "pool": pool}
+            "pool": pool, "pdq_near": _near_duplicate(hashed), "pdq_distance": bits(pdq(hashed)[0],
+                                                                                      pdq(_near_duplicate(hashed))[0])}
 
 
 def _read_topic(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> list:
@@ -115,6 +136,7 @@ def test_banked_near_duplicate_and_allow_listed_images(
     events = [OutgoingEvent("banned-exact", "bank", image=case["banned"]),
               OutgoingEvent("banned-near", "bank", image=case["near"]),
               OutgoingEvent("trusted-exact", "allow", image=case["trusted"]),
+              OutgoingEvent("pdq-near", "pdq", image=case["pdq_near"]),
               *[OutgoingEvent(f"control-{i}", "control", image=d) for i, d in enumerate(case["controls"])]]
     produce(kafka_bootstrap, topics.input, events)
     out = read_outputs(topics, len(events), timeout_s=120)
@@ -137,8 +159,16 @@ def test_banked_near_duplicate_and_allow_listed_images(
     assert any(r.startswith("allow_bank:trusted flag -> allow item brand-logo-3") for r in t["reasons"])
     for i in range(len(case["controls"])):
         assert got[f"control-{i}"]["bank_matches"] == []
+        assert got[f"control-{i}"]["timings_ms"]["pdq"] >= 0  # every image is PDQ-hashed under this policy
+    p = got["pdq-near"]
+    assert p["action"] == "flag", p
+    (m,) = p["bank_matches"]
+    assert (m["bank"], m["method"], m["item_id"], m["label"], m["applied"]) == (
+        "threatexchange", "pdq", "te-9001", "weapons", True)
+    assert m["distance"] <= 31
+    assert any(r.startswith("pdq:threatexchange flag item te-9001 distance") for r in p["reasons"])
     flagged = sorted(v["event_id"] for _, v in out[topics.flagged])
-    assert flagged == ["banned-exact", "banned-near"]
+    assert flagged == ["banned-exact", "banned-near", "pdq-near"]
     assert metrics.BANK_MATCHES.labels(bank="known_bad", action="flag")._value.get() == before["flag"] + 2
     assert metrics.BANK_MATCHES.labels(bank="trusted", action="allow")._value.get() == before["allow"] + 1
 

@@ -39,9 +39,11 @@ import numpy as np
 
 from moderator import metrics
 from moderator.decide.banks import Bank, BankLoader, check_model
+from moderator.decide.pdq import PdqBank, PdqLoader
 from moderator.decide.embeddings import EmbeddingCache, InProcessCache, PolicyEmbeddings, policy_embeddings
 from moderator.decide.policy import LoadedPolicy
-from moderator.schemas import ACTION_SEVERITY, Action, BankMatch, BankRef, Category, CategoryScore, Decision
+from moderator.schemas import (ACTION_SEVERITY, Action, BankMatch, BankRef, Category, CategoryScore, Decision,
+                               PdqBankRef)
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,37 @@ class _CompiledBank:
 
 
 @dataclass(frozen=True)
-class _Hit:
-    """An image's best match in one bank."""
+class _CompiledPdq:
+    ref: PdqBankRef
+    bank: PdqBank
 
-    cb: _CompiledBank
-    row: int
+
+@dataclass(frozen=True)
+class _Hit:
+    """An image's best match in one bank (embedding or PDQ)."""
+
+    bank: str
+    kind: str  # known_bad | allow
+    action: Action  # what a known-bad match does; "allow" for allow banks
+    item_id: str
+    label: str | None
     similarity: float
-    by_sha256: bool
+    detail: str  # the reason's tail: how it matched
+    by_sha256: bool = False
+    method: str = "embedding"
+    distance: int | None = None
+
+    @property
+    def prefix(self) -> str:
+        return ("pdq" if self.method == "pdq" else "bank") if self.kind == "known_bad" else "allow_bank"
+
+
+def _embedding_hit(cb: _CompiledBank, row: int, sim: float, by_sha256: bool) -> _Hit:
+    item = cb.bank.items[row]
+    detail = (f"item {item.id} (same file, sha256)" if by_sha256 else
+              f"item {item.id} similarity {sim:.4f} >= {cb.ref.threshold}")
+    return _Hit(cb.ref.name, cb.ref.kind, cb.ref.action if cb.ref.kind == "known_bad" else "allow", item.id,
+                item.label, sim, detail, by_sha256)
 
 
 @dataclass(frozen=True)
@@ -75,6 +101,7 @@ class CompiledPolicy:
     children: dict[str, tuple[str, ...]]
     logit_scale: float
     banks: tuple[_CompiledBank, ...] = ()
+    pdq_banks: tuple[_CompiledPdq, ...] = ()
 
     @property
     def version(self) -> str:
@@ -104,9 +131,34 @@ class CompiledPolicy:
                            and image_sha256[i] else None)
                 if sha_row is not None:
                     sim = float(image_embeddings[i] @ cb.bank.embeddings[sha_row])
-                    out[i].append(_Hit(cb, sha_row, sim, True))
+                    out[i].append(_embedding_hit(cb, sha_row, sim, True))
                 elif rows[i] >= 0 and sims[i] >= cb.ref.threshold:
-                    out[i].append(_Hit(cb, int(rows[i]), float(sims[i]), False))
+                    out[i].append(_embedding_hit(cb, int(rows[i]), float(sims[i]), False))
+        return out
+
+    @property
+    def needs_pdq(self) -> bool:
+        """Whether images need a PDQ hash for this policy (it lists PDQ banks)."""
+        return bool(self.pdq_banks)
+
+    def pdq_hits(self, pdq: Sequence[tuple[bytes, int] | None]) -> list[list[_Hit]]:
+        """Per image, its nearest row in each PDQ bank within the bank's distance (images without a
+        hash, or below a bank's ``min_quality``, match nothing)."""
+        out: list[list[_Hit]] = [[] for _ in pdq]
+        have = [i for i, h in enumerate(pdq) if h is not None]
+        if not have:
+            return out
+        query = np.stack([np.frombuffer(pdq[i][0], dtype=np.uint8) for i in have])
+        for cp in self.pdq_banks:
+            rows, dists = cp.bank.best(query)
+            for j, i in enumerate(have):
+                quality = pdq[i][1]
+                if rows[j] < 0 or dists[j] > cp.ref.max_distance or quality < cp.ref.min_quality:
+                    continue
+                r, d = int(rows[j]), int(dists[j])
+                out[i].append(_Hit(cp.ref.name, "known_bad", cp.ref.action, cp.bank.ids[r], cp.bank.labels[r],
+                                   1 - d / 256, f"item {cp.bank.ids[r]} distance {d} <= {cp.ref.max_distance} "
+                                   f"(quality {quality})", method="pdq", distance=d))
         return out
 
     def scores(self, image_embeddings: np.ndarray) -> np.ndarray:
@@ -125,7 +177,7 @@ class CompiledPolicy:
         return out
 
 
-def bank_path(loaded: LoadedPolicy, ref: BankRef) -> Path:
+def bank_path(loaded: LoadedPolicy, ref: BankRef | PdqBankRef) -> Path:
     """A bank's file: absolute as written, else relative to the policy file's folder."""
     p = Path(ref.path)
     if p.is_absolute() or loaded.path is None:
@@ -142,6 +194,7 @@ def compile_policy(
     *,
     embed_dim: int | None = None,
     banks: BankLoader | None = None,
+    pdq_banks: PdqLoader | None = None,
 ) -> CompiledPolicy:
     doc = loaded.doc
     loader = banks or BankLoader()
@@ -150,6 +203,13 @@ def compile_policy(
         bank = loader.load(bank_path(loaded, ref))
         check_model(bank, model_sha256, embed_dim if embed_dim is not None else bank.manifest.embed_dim, ref.name)
         compiled_banks.append(_CompiledBank(ref, bank))
+    compiled_pdq = []
+    if doc.pdq_banks:
+        from moderator.decode.pdq import available  # noqa: PLC0415
+
+        available()  # the pdq extra is installed, or the policy is refused now
+        pdq_loader = pdq_banks or PdqLoader()
+        compiled_pdq = [_CompiledPdq(ref, pdq_loader.load(bank_path(loaded, ref))) for ref in doc.pdq_banks]
     emb = policy_embeddings(doc, model_sha256, text_encoder, cache or InProcessCache())
     compiled = []
     for c in doc.categories:
@@ -166,7 +226,7 @@ def compile_policy(
         if cc.cat.parent in enabled:
             children.setdefault(cc.cat.parent, []).append(cc.cat.id)
     return CompiledPolicy(loaded, emb, tuple(compiled), {k: tuple(v) for k, v in children.items()},
-                          float(logit_scale), tuple(compiled_banks))
+                          float(logit_scale), tuple(compiled_banks), tuple(compiled_pdq))
 
 
 def _band(score: float, cat: Category) -> Action:
@@ -224,12 +284,17 @@ class DecisionEngine:
         image_sha256: Sequence[str | None] | None = None,
         timings_ms: Sequence[dict[str, float]] | None = None,
         metadata: Sequence[dict | None] | None = None,
+        pdq: Sequence[tuple[bytes, int] | None] | None = None,
     ) -> list[Decision]:
+        """``pdq``: each image's (PDQ hash, quality), or None, when the policy lists PDQ banks."""
         policy = self._policy  # one snapshot for the whole batch
         t0 = time.perf_counter()
         scores = policy.scores(image_embeddings)
         hits = policy.bank_hits(np.asarray(image_embeddings, dtype=np.float32), image_sha256) if policy.banks \
             else None
+        if policy.pdq_banks and pdq is not None:
+            extra = policy.pdq_hits(pdq)
+            hits = [a + b for a, b in zip(hits, extra)] if hits else extra
         if not self.shadow:
             metrics.SCORE_SECONDS.observe(time.perf_counter() - t0)
         score_ms = (time.perf_counter() - t0) * 1000 / max(1, len(event_ids))
@@ -310,44 +375,36 @@ class DecisionEngine:
         if not hits:
             return overall, []
         matches: list[BankMatch] = []
-        bad = [h for h in hits if h.cb.ref.kind == "known_bad"]
+        bad = [h for h in hits if h.kind == "known_bad"]
 
         def record(h: _Hit, applied: bool) -> None:
-            item = h.cb.bank.items[h.row]
-            matches.append(BankMatch(bank=h.cb.ref.name, kind=h.cb.ref.kind, item_id=item.id, label=item.label,
-                                     similarity=round(h.similarity, 6), by_sha256=h.by_sha256, applied=applied))
+            matches.append(BankMatch(bank=h.bank, kind=h.kind, method=h.method, item_id=h.item_id, label=h.label,
+                                     similarity=round(h.similarity, 6), distance=h.distance, by_sha256=h.by_sha256,
+                                     applied=applied))
             if not self.shadow:
-                metrics.BANK_MATCHES.labels(bank=h.cb.ref.name,
-                                            action=h.cb.ref.action if h.cb.ref.kind == "known_bad" else "allow").inc()
-
-        def how(h: _Hit) -> str:
-            item = h.cb.bank.items[h.row]
-            return (f"item {item.id} (same file, sha256)" if h.by_sha256 else
-                    f"item {item.id} similarity {h.similarity:.4f} >= {h.cb.ref.threshold}")
+                metrics.BANK_MATCHES.labels(bank=h.bank, action=h.action).inc()
 
         for h in bad:
-            action: Action = h.cb.ref.action
-            if ACTION_SEVERITY[action] > ACTION_SEVERITY[overall]:
-                overall = action
-            reasons.append(f"bank:{h.cb.ref.name} {action} {how(h)}")
+            if ACTION_SEVERITY[h.action] > ACTION_SEVERITY[overall]:
+                overall = h.action
+            reasons.append(f"{h.prefix}:{h.bank} {h.action} {h.detail}")
             record(h, True)
         cats = {cc.cat.id: cc.cat for cc in policy.categories}
-        for h in (h for h in hits if h.cb.ref.kind == "allow"):
-            name = h.cb.ref.name
+        for h in (h for h in hits if h.kind == "allow"):
             if bad:
-                reasons.append(f"allow_bank:{name} not applied: known-bad bank match {how(h)}")
+                reasons.append(f"allow_bank:{h.bank} not applied: known-bad bank match; {h.detail}")
                 record(h, False)
                 continue
             locked = sorted(cid for cid, a in final.items() if a != "allow" and cats[cid].never_overridable)
             if overall != "allow" and locked:
-                reasons.append(f"allow_bank:{name} not applied: never_overridable {','.join(locked)}; {how(h)}")
+                reasons.append(f"allow_bank:{h.bank} not applied: never_overridable {','.join(locked)}; {h.detail}")
                 record(h, False)
                 continue
             if overall != "allow":
-                reasons.append(f"allow_bank:{name} {overall} -> allow {how(h)}")
+                reasons.append(f"allow_bank:{h.bank} {overall} -> allow {h.detail}")
                 overall = "allow"
             else:
-                reasons.append(f"allow_bank:{name} {how(h)}")
+                reasons.append(f"allow_bank:{h.bank} {h.detail}")
             record(h, True)
         return overall, matches
 
@@ -364,11 +421,12 @@ class PolicyCompiler:
         self.cache = cache
         self.text_encoder = text_encoder
         self.banks = BankLoader()  # bank files stay loaded across policy reloads while unchanged
+        self.pdq_banks = PdqLoader()
 
     def __call__(self, loaded: LoadedPolicy) -> CompiledPolicy:
         return compile_policy(loaded, self.model_dir.model_sha256, self.model_dir.manifest.logit_scale,
                               self.text_encoder, self.cache, embed_dim=self.model_dir.manifest.embed_dim,
-                              banks=self.banks)
+                              banks=self.banks, pdq_banks=self.pdq_banks)
 
     def engine(self, loaded: LoadedPolicy, *, shadow: bool = False) -> DecisionEngine:
         m = self.model_dir

@@ -41,7 +41,8 @@ class PolicyWatcher:
         self.interval_s = interval_s
         # the bank files of the last policy file read (in force or rejected): a rejected policy whose
         # bank file was missing or bad is tried again when that file changes
-        self._bank_paths = [cb.bank.path for cb in engine.policy.banks]
+        self._bank_paths = ([cb.bank.path for cb in engine.policy.banks]
+                            + [cp.bank.path for cp in engine.policy.pdq_banks])
         self._seen = self._digest(engine.policy.loaded.sha256)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,7 +65,7 @@ class PolicyWatcher:
         self._seen = seen
         try:
             loaded = parse_policy(data, self.path)
-            self._bank_paths = [bank_path(loaded, ref) for ref in loaded.doc.banks]
+            self._bank_paths = [bank_path(loaded, ref) for ref in (*loaded.doc.banks, *loaded.doc.pdq_banks)]
             self._seen = self._digest(digest)
             compiled = self.compile_fn(loaded)
         except ModeratorError as e:

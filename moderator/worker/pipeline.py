@@ -43,6 +43,7 @@ from moderator.batching import MicroBatcher
 from moderator.cache import ImageEmbeddingCache, image_embedding_key
 from moderator.decide.engine import DecisionEngine
 from moderator.decode import DecodeLimits, decode_image
+from moderator.decode.pdq import pdq_hash
 from moderator.errors import ModeratorError
 from moderator.fetch import UrlFetcher
 from moderator.ingest import EventLimits, ParsedEvent, parse_record
@@ -74,6 +75,7 @@ class Prepared:
     probe: object | None = None  # ... with its header probe (JpegProbe)
     pixels: np.ndarray | None = None
     embedding: np.ndarray | None = None
+    pdq: tuple[bytes, int] | None = None  # (hash, quality) when the policy lists PDQ banks
     cached: bool = False
     stale: bool = False
     done: bool = False  # prepared (or failed): ready for finish
@@ -95,7 +97,8 @@ class Publisher(Protocol):
 
 
 # Stages whose time the benchmark reports per event (seconds summed over events).
-STAGES = ("queue_wait", "parse", "fetch", "hash_cache", "decode", "gpu_decode", "encode", "score", "publish_call")
+STAGES = ("queue_wait", "parse", "fetch", "hash_cache", "decode", "pdq", "gpu_decode", "encode", "score",
+          "publish_call")
 
 
 @dataclass
@@ -222,9 +225,10 @@ class Pipeline:
         return p if p.done else self.decode(p, data)
 
     def lookup(self, p: Prepared, data: bytes | None) -> None:
-        """Hash once; a cached embedding for this model makes the record done."""
+        """Hash once; a cached embedding for this model makes the record done (unless the policy
+        needs the image's PDQ hash: then it is decoded for that, not encoded)."""
         with self._guard(p):
-            if data and self._cached(data, p):
+            if data and self._cached(data, p) and not self.engine.policy.needs_pdq:
                 p.done = True
 
     def decode(self, p: Prepared, data: bytes | None) -> Prepared:
@@ -277,7 +281,8 @@ class Pipeline:
 
     def _decode(self, data: bytes, p: Prepared) -> None:
         t0 = time.perf_counter()
-        if self.device_jpeg is not None:
+        needs_pdq = self.engine.policy.needs_pdq
+        if self.device_jpeg is not None and not needs_pdq:  # PDQ hashes a CPU-decoded image
             # the same hostile-input checks as decode_image, on the header only; bad input raises here
             probe = self.device_jpeg.eligible(data, self.decode_limits, sha256=p.image_sha256)
             if probe is not None:
@@ -285,11 +290,18 @@ class Pipeline:
                 self.stats.took("decode", time.perf_counter() - t0)
                 return
         decoded = decode_image(data, self.decode_limits, sha256=p.image_sha256, draft=self.draft)
-        p.pixels = self.preprocessor.to_array(decoded.image)
+        if p.embedding is None:  # else decoded for its PDQ hash only (a cached or banked embedding)
+            p.pixels = self.preprocessor.to_array(decoded.image)
         p.image_sha256 = decoded.sha256
         dt = time.perf_counter() - t0
         self.stats.took("decode", dt)
         p.timings["decode"] = _ms(dt)
+        if needs_pdq:
+            t0 = time.perf_counter()
+            p.pdq = pdq_hash(decoded.image)
+            dt = time.perf_counter() - t0
+            self.stats.took("pdq", dt)
+            p.timings["pdq"] = _ms(dt)
 
     # -- finish (encode thread) ----------------------------------------------------------------
 
@@ -319,7 +331,7 @@ class Pipeline:
             decisions = self.engine.decide(
                 [p.event_id for p in good], np.stack([p.embedding for p in good]),
                 image_sha256=[p.image_sha256 for p in good], timings_ms=[p.timings for p in good],
-                metadata=[p.event.metadata for p in good])
+                metadata=[p.event.metadata for p in good], pdq=[p.pdq for p in good])
             self.stats.took("score", time.perf_counter() - t0, len(good))
             t0 = time.perf_counter()
             hits = 0
@@ -344,7 +356,7 @@ class Pipeline:
             shadow = self.shadow_engine.decide(
                 [p.event_id for p in good], np.stack([p.embedding for p in good]),
                 image_sha256=[p.image_sha256 for p in good], timings_ms=[dict(p.timings) for p in good],
-                metadata=[p.event.metadata for p in good])
+                metadata=[p.event.metadata for p in good], pdq=[p.pdq for p in good])
         except Exception:
             metrics.SHADOW_ERRORS.labels(stage="decide").inc()
             log.exception("shadow policy failed to decide a batch (live decisions unaffected)")

@@ -1,0 +1,110 @@
+"""PDQ hash banks: known-bad images shared as PDQ hashes (ThreatExchange, HMA), matched by Hamming distance.
+
+The file is CSV or TSV (by its first data line: a tab means TSV), one hash per row:
+``hash[,id[,label]]``, the hash as 64 hex digits (256 bits, the form ThreatExchange and
+HMA exchange). Blank lines and ``#`` comments are skipped, and so is a first row whose first
+field is not a hash (a header such as ``pdq_hash,id``). A malformed row is an error naming
+the file and line. Hashes are kept packed (32 bytes each); matching XORs every row with the
+image's hash and counts bits (``numpy.bitwise_count``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moderator.decide.banks import fingerprint
+from moderator.errors import BankError
+
+_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class PdqBank:
+    path: Path
+    sha256: str
+    hashes: np.ndarray  # (n, 32) uint8, packed bits
+    ids: tuple[str, ...]
+    labels: tuple[str | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def best(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each packed hash in ``query`` ((n, 32) uint8): the nearest row and its distance."""
+        n = query.shape[0]
+        if not len(self):
+            return np.full(n, -1), np.full(n, 257)
+        rows, dists = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        for i in range(n):
+            d = np.bitwise_count(self.hashes ^ query[i]).sum(axis=1, dtype=np.int64)
+            rows[i] = int(d.argmin())
+            dists[i] = int(d[rows[i]])
+        return rows, dists
+
+
+def parse_hex(text: str) -> bytes:
+    return bytes.fromhex(text)
+
+
+def read_pdq_bank(path: Path | str) -> PdqBank:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BankError(f"{path}: cannot read PDQ bank: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BankError(f"{path}: not UTF-8 text: {e}") from e
+    lines = text.splitlines()
+    first = next((ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
+    delimiter = "\t" if "\t" in first else ","
+    hashes, ids, labels, seen = [], [], [], {}
+    data_rows = 0
+    for lineno, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), 1):
+        fields = [f.strip() for f in row]
+        if not fields or not any(fields) or fields[0].startswith("#"):
+            continue
+        data_rows += 1
+        if not _HEX.match(fields[0]):
+            if data_rows == 1:  # a header row
+                continue
+            raise BankError(f"{path}: line {lineno}: {fields[0][:80]!r} is not a PDQ hash (64 hex digits)")
+        if len(fields) > 3:
+            raise BankError(f"{path}: line {lineno}: expected hash[,id[,label]], got {len(fields)} fields")
+        item_id = fields[1] if len(fields) > 1 and fields[1] else f"line-{lineno}"
+        if item_id in seen:
+            raise BankError(f"{path}: line {lineno}: id {item_id!r} already used on line {seen[item_id]}")
+        seen[item_id] = lineno
+        hashes.append(np.frombuffer(parse_hex(fields[0]), dtype=np.uint8))
+        ids.append(item_id)
+        labels.append(fields[2] if len(fields) > 2 and fields[2] else None)
+    matrix = np.stack(hashes) if hashes else np.zeros((0, 32), dtype=np.uint8)
+    return PdqBank(path, hashlib.sha256(raw).hexdigest(), matrix, tuple(ids), tuple(labels))
+
+
+class PdqLoader:
+    """Reuses a loaded PDQ bank while its file is unchanged (inode, size, mtime)."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[Path, tuple[object, PdqBank]] = {}
+        self._lock = threading.Lock()
+
+    def load(self, path: Path) -> PdqBank:
+        key, fp = path.resolve(), fingerprint(path)
+        with self._lock:
+            hit = self._loaded.get(key)
+        if hit is not None and fp is not None and hit[0] == fp:
+            return hit[1]
+        bank = read_pdq_bank(path)
+        with self._lock:
+            self._loaded[key] = (fp, bank)
+        return bank
