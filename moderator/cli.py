@@ -239,6 +239,19 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
               f"{r['median_decisions_per_s']['at_least_once']} (medians of {r['rounds']} interleaved rounds): "
               f"ratio {r['ratio_exactly_once_to_at_least_once']:.2f}", file=sys.stderr)
         return 0
+    if a.compare_policy:
+        from moderator.worker.bench import bench_policies
+
+        r = bench_policies(a.model, a.policy, a.compare_policy, rounds=a.rounds, source=a.source, events=a.events,
+                           image=a.image, size=a.size, envelope=a.envelope, unique_images=a.unique_images,
+                           max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
+                           encoder_seconds=a.encoder_seconds, bootstrap_servers=a.bootstrap_servers,
+                           backend=a.backend, overrides=overrides, log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(r))
+        print(f"{a.compare_policy}: {r['median_decisions_per_s']['other']} decisions/s, {a.policy}: "
+              f"{r['median_decisions_per_s']['policy']} (medians of {r['rounds']} interleaved rounds): "
+              f"ratio {r['ratio_other_to_policy']:.2f}", file=sys.stderr)
+        return 0
     r = bench_worker(a.model, a.policy, source=a.source, events=a.events, image=a.image, size=a.size,
                      envelope=a.envelope, unique_images=a.unique_images,
                      max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
@@ -341,8 +354,12 @@ def _cmd_bank(a: argparse.Namespace) -> int:
     if a.bank_command == "remove":
         return _bank_report(a, bank_tool.remove(a.bank, a.ids))
     if a.bank_command == "bench":
-        from moderator.decide.bank_bench import bench_matching
+        from moderator.decide.bank_bench import bench_matching, bench_pdq
 
+        if a.pdq:
+            for row in bench_pdq(a.sizes, seconds=a.seconds):
+                print(json.dumps(row))
+            return 0
         for row in bench_matching(a.sizes, dim=a.dim, batch=a.batch, seconds=a.seconds,
                                   faiss_indexes=not a.numpy_only, hnsw=not a.no_hnsw):
             print(json.dumps(row))
@@ -594,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--compare-guarantees", type=int, metavar="ROUNDS",
                     help="run at_least_once and exactly_once in turn, ROUNDS times each, through one broker, "
                          "and report the ratio of their medians")
+    bw.add_argument("--compare-policy", type=Path, metavar="POLICY",
+                    help="run --policy and this policy in turn (--rounds each) and report the throughput ratio: "
+                         "what banks, PDQ or more categories cost")
+    bw.add_argument("--rounds", type=int, default=2, help="rounds per policy for --compare-policy")
     bw.add_argument("--bootstrap-servers", help="use this Kafka instead of starting one")
     bw.set_defaults(func=_cmd_bench_worker)
 
@@ -690,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seconds", type=float, default=2.0, help="time per size")
     x.add_argument("--numpy-only", action="store_true", help="skip the FAISS comparison")
     x.add_argument("--no-hnsw", action="store_true", help="skip FAISS HNSW (minutes to build above 100k items)")
+    x.add_argument("--pdq", action="store_true", help="PDQ instead: hashing ms per image by size, and matching "
+                                                       "against PDQ banks of --sizes hashes")
     bk.set_defaults(func=_cmd_bank)
 
     dc = sub.add_parser("docs", help="print or refresh the README's configuration and metrics reference",

@@ -400,3 +400,24 @@ def test_a_pdq_policy_without_the_package_is_refused_at_load(md, tmp_path, monke
 
     with pytest.raises(MissingDependency, match=r"moderator\[pdq\]"):
         _compile(md, tmp_path, _pdq_policy(tmp_path))
+
+
+def test_pdq_bank_files_hot_reload_and_a_malformed_one_keeps_the_old(md, tmp_path, caplog):
+    pytest.importorskip("pdqhash")
+    dim = md.manifest.embed_dim
+    (tmp_path / "hashes.csv").write_text("f" * 64 + ",a\n")
+
+    def compile_fn(loaded):
+        return compile_policy(loaded, md.model_sha256, md.manifest.logit_scale, lambda: TextEncoder(md),
+                              InProcessCache(), embed_dim=dim)
+
+    (tmp_path / "policy.yaml").write_text(_pdq_policy(tmp_path))
+    engine = DecisionEngine(compile_fn(load_policy(tmp_path / "policy.yaml")), ModelInfo("m", "t"))
+    watcher = PolicyWatcher(tmp_path / "policy.yaml", engine, compile_fn)
+    (tmp_path / "hashes.csv").write_text("f" * 64 + ",a\n" + "0" * 64 + ",b\n")
+    assert watcher.check_once() == "reloaded" and engine.policy.pdq_banks[0].bank.ids == ("a", "b")
+    with caplog.at_level(logging.ERROR):
+        (tmp_path / "hashes.csv").write_text("f" * 64 + ",a\nzz,b\n")
+        assert watcher.check_once() == "rejected"
+    assert engine.policy.pdq_banks[0].bank.ids == ("a", "b")
+    assert any("hashes.csv: line 2" in r.getMessage() for r in caplog.records)

@@ -37,6 +37,24 @@ def test_jpeg_events_take_the_draft_path_and_are_all_decided(random_model_dir):
     assert r["decisions_in_sink"] == 12 and r["image"].startswith("320x240 JPEG")
 
 
+def test_compare_policy_runs_both_and_reports_the_pdq_stage(random_model_dir, tmp_path):
+    pytest.importorskip("pdqhash")
+    import yaml
+
+    from moderator.worker.bench import bench_policies
+
+    doc = yaml.safe_load(DEMO_POLICY_PATH.read_text())
+    doc["pdq_banks"] = [{"name": "tx", "path": "hashes.csv"}]
+    (tmp_path / "hashes.csv").write_text("f" * 64 + ",x\n")
+    (tmp_path / "pdq.yaml").write_text(yaml.safe_dump(doc))
+    r = bench_policies(random_model_dir, DEMO_POLICY_PATH, tmp_path / "pdq.yaml", rounds=1, events=20,
+                       image="png", size=(64, 64), max_batch=4, max_wait_ms=5, encoder_seconds=0.05,
+                       log=lambda m: None)
+    assert len(r["decisions_per_s"]["policy"]) == len(r["decisions_per_s"]["other"]) == 1
+    assert r["ratio_other_to_policy"] > 0
+    assert "pdq" in r["stages_last_round"]["other"] and "pdq" not in r["stages_last_round"]["policy"]
+
+
 def test_summarize_collapsed_counts_threads_and_leaves():
     text = ("thread (1): encode;a (x.py:1);Session.run (o.py:2) 30\n"
             "thread (2): prepare_0;a (x.py:1);ImageFile.load (i.py:3) 50\n"

@@ -85,3 +85,27 @@ def bench_matching(sizes: list[int], *, dim: int = 512, batch: int = 32, seconds
         rows.append(row)
         del emb, bank
     return rows
+
+
+def bench_pdq(sizes: list[int], *, seconds: float = 1.0, seed: int = 0) -> list[dict]:
+    """PDQ's cost per image: hashing (photo-like JPEG content at several sizes; ``pdq_hash`` first
+    shrinks anything above 512 px) and matching one hash against banks of ``sizes`` hashes."""
+    from moderator.decode.pdq import MAX_SIDE, pdq_hash  # noqa: PLC0415
+    from moderator.decide.pdq import PdqBank  # noqa: PLC0415
+    from moderator.worker.bench import gradient_photo  # noqa: PLC0415
+
+    rows = []
+    for w, h in ((1024, 768), (512, 384), (224, 224), (96, 96)):
+        img = gradient_photo(w, h, seed).convert("RGB")
+        per, reps = _time(lambda: pdq_hash(img), seconds)
+        rows.append({"what": "pdq_hash", "image": f"{w}x{h}", "ms_per_image": round(per * 1000, 3), "reps": reps,
+                     "resized_to_max_side": MAX_SIDE if max(w, h) > MAX_SIDE else None})
+    rng = np.random.default_rng(seed)
+    for n in sizes:
+        bank = PdqBank(None, "", rng.integers(0, 256, (n, 32), dtype=np.uint8),  # type: ignore[arg-type]
+                       tuple(str(i) for i in range(n)), (None,) * n)
+        q = bank.hashes[rng.integers(0, n, 32)]
+        per, reps = _time(lambda: bank.best(q), seconds)
+        rows.append({"what": "pdq_match", "items": n, "batch": 32, "ms_per_batch": round(per * 1000, 3),
+                     "us_per_image": round(per * 1e6 / 32, 1), "reps": reps})
+    return rows

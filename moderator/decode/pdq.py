@@ -6,9 +6,9 @@ wraps Meta's reference C++ implementation directly; the ``threatexchange`` packa
 hashes PDQ with that same binding but pulls FAISS, requests and a CLI framework in
 with it. It ships as source only, so the ``pdq`` extra needs a C++ compiler to install.
 
-The image is first shrunk so its longer side is at most ``MAX_SIDE`` pixels: hashing a
-1024x768 photo at full size took 28 ms on one core here, at 512x384 5 ms, and the hash
-is built from a 64x64 downsample either way.
+The image is first shrunk (a box-filter reduce by a whole factor) so its longer side is at
+most ``MAX_SIDE`` pixels: hashing a 1024x768 photo at full size took 28 ms on one core here,
+at 512x384 4 ms, and the hash is built from a 64x64 downsample either way.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def available() -> None:
 def pdq_hash(image: Image.Image) -> tuple[bytes, int]:
     """(the 256-bit hash as 32 bytes, PDQ quality 0-100) of an RGB image."""
     w, h = image.size
-    if max(w, h) > MAX_SIDE:
-        scale = MAX_SIDE / max(w, h)
-        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    factor = -(-max(w, h) // MAX_SIDE)  # ceil
+    if factor >= 2:  # a box-filter reduce by a whole factor: ~10x cheaper than a resampling resize
+        image = image.reduce(factor)
     bits, quality = _pdqhash().compute(np.asarray(image.convert("RGB")))
     return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes(), int(quality)

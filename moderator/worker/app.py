@@ -230,6 +230,8 @@ class Worker:
         partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in self.tracker.assigned())
         detail = {"checks": checks, "policy_version": self.engine.policy.version,
                   "model_sha256": self.model_sha256, "partitions": partitions}
+        if self.shadow_engine is not None:
+            detail["shadow_policy_version"] = self.shadow_engine.policy.version
         if checks["group_joined"] and not partitions:
             detail["note"] = "holds no partitions: a standby until the next rebalance"
         return all(checks.values()), detail

@@ -475,6 +475,38 @@ def bench_guarantees(model_dir: Path | str, policy: Path | str, *, rounds: int =
             "rounds": rounds, "cpus": os.cpu_count()}
 
 
+# --- policies: what banks, PDQ or more categories cost ----------------------------------------
+
+
+def bench_policies(model_dir: Path | str, policy: Path | str, other: Path | str, *, rounds: int = 2,
+                   source: str = "memory", bootstrap_servers: str | None = None, log=print, **kwargs) -> dict:
+    """The worker with ``policy`` and with ``other``, interleaved over ``rounds`` on the same
+    events; each policy's rates, medians, per-event stage seconds of the last round, and the
+    ``other`` / ``policy`` throughput ratio."""
+    import statistics  # noqa: PLC0415
+
+    names = {"policy": Path(policy), "other": Path(other)}
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    stages: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        if source == "kafka" and bootstrap_servers is None:
+            from moderator.devservices import services  # noqa: PLC0415
+
+            bootstrap_servers = stack.enter_context(services(kafka=True, redis=False)).kafka_bootstrap
+        for r in range(rounds):
+            for key, path in names.items():
+                log(f"round {r + 1}/{rounds}: {path} ...")
+                res = bench_worker(model_dir, path, source=source, bootstrap_servers=bootstrap_servers, log=log,
+                                   **kwargs)
+                rates[key].append(res["worker_decisions_per_s"])
+                stages[key] = res.get("stage_ms_per_event", {})
+    median = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+    return {"policy": str(names["policy"]), "other": str(names["other"]), "decisions_per_s": rates,
+            "median_decisions_per_s": median, "stages_last_round": stages,
+            "ratio_other_to_policy": round(median["other"] / median["policy"], 3), "rounds": rounds,
+            "source": source, "cpus": os.cpu_count()}
+
+
 # --- JPEG draft: what the DCT-domain downscale costs in accuracy and pixels ----------------------
 
 
