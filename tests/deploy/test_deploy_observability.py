@@ -214,7 +214,9 @@ def test_every_queried_metric_is_defined_in_metrics_py():
 
 
 # Metrics that only get samples when something happens that this run does not provoke.
-EVENT_DRIVEN = {"moderator_policy_reloads_total", "moderator_redis_errors_total"}
+# only move on rare events, or when the policy lists banks or a shadow policy is set
+EVENT_DRIVEN = {"moderator_policy_reloads_total", "moderator_redis_errors_total", "moderator_bank_matches_total",
+                "moderator_shadow_disagreements_total"}
 
 
 def _free_port() -> int:
