@@ -10,6 +10,7 @@ optional ``id``, ``label``, ``source`` per line (paths relative to the file).
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,12 +91,14 @@ class BankBuilder:
     """Embeds images for a bank with the model the worker serves."""
 
     def __init__(self, model_dir: Path | str, *, limits: DecodeLimits = DecodeLimits(), batch_size: int = 32,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, jpeg_draft: bool = True) -> None:
         self.model_dir = ModelDirectory(model_dir)
         self.encoder = ImageEncoder(self.model_dir)
         self.limits = limits
         self.batch_size = batch_size
         self.progress = progress
+        h, w = self.encoder.preprocessor.image_size  # decode as the worker does (MODERATOR_JPEG_DRAFT)
+        self.draft = (w, h) if jpeg_draft else None
 
     def embed(self, sources: list[Source], report: BankReport,
               taken: set[str]) -> tuple[list[BankItem], np.ndarray]:
@@ -119,6 +122,8 @@ class BankBuilder:
         try:
             for src in sources:
                 try:
+                    if not src.id or len(src.id) > 512:
+                        raise InputError(f"id must be 1 to 512 characters, got {len(src.id)}", reason="invalid_id")
                     if src.id in taken:
                         raise InputError(f"id {src.id!r} is already in the bank (remove it first)",
                                          reason="duplicate_id")
@@ -126,7 +131,8 @@ class BankBuilder:
                         data = src.path.read_bytes()
                     except OSError as e:
                         raise InputError(f"cannot read {src.path}: {e.strerror or e}", reason="unreadable_file") from e
-                    decoded = decode_image(data, self.limits, sha256=hashlib.sha256(data).hexdigest())
+                    decoded = decode_image(data, self.limits, sha256=hashlib.sha256(data).hexdigest(),
+                                           draft=self.draft)
                 except ModeratorError as e:
                     report.failed.append({"id": src.id, "where": src.where or str(src.path), "reason": e.reason,
                                           "error": str(e)})
@@ -146,6 +152,9 @@ class BankBuilder:
         out = Path(out)
         if out.exists() and not overwrite:
             raise BankError(f"{out}: exists; use `moderator bank add` to extend it, or --overwrite")
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):  # checked before minutes of embedding
+            raise BankError(f"bank name {name!r} must match [a-z][a-z0-9_]{{0,63}} (a policy refers to it): "
+                            "use --name")
         report = BankReport(out)
         items, emb = self.embed(sources, report, set())
         now = utc_now()

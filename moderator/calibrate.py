@@ -26,9 +26,13 @@ and a new version (every other field as it was), ``report.json``, and a PNG per 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 from statistics import NormalDist
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -185,16 +189,23 @@ class CalibrationResult:
     unmet: list[str] = field(default_factory=list)
 
 
-def score_images(clf: Classifier, items: list[Labelled]) -> np.ndarray:
-    """(n, C) scores of the policy's enabled categories, through the serving path."""
-    ids = [cc.cat.id for cc in clf.engine.policy.categories]
-    rows = {}
-    for r in clf.classify_files([it.path for it in items]):
-        if r.error is not None:
-            it = next(i for i in items if i.path == r.path)
-            raise LabelsError(f"{it.path}: (labels line {it.line}) [{r.error.reason}] {r.error}")
-        rows[r.path] = [next(c.score for c in r.decision.categories if c.id == cid) for cid in ids]
-    return np.array([rows[it.path] for it in items], dtype=np.float64)
+def score_images(clf: Classifier, items: list[Labelled], batch_size: int = 64) -> np.ndarray:
+    """(n, C) scores of the policy's enabled categories, through the serving path (the worker's
+    decoder with its JPEG draft, the ONNX image encoder, the policy's scoring), unrounded."""
+    from moderator.decode import decode_image  # noqa: PLC0415
+    from moderator.errors import ModeratorError  # noqa: PLC0415
+
+    out = []
+    for start in range(0, len(items), batch_size):
+        images = []
+        for it in items[start:start + batch_size]:
+            try:
+                images.append(decode_image(it.path.read_bytes(), clf.limits, draft=clf.draft).image)
+            except (ModeratorError, OSError) as e:
+                raise LabelsError(f"{it.path}: (labels line {it.line}) [{getattr(e, 'reason', 'unreadable_file')}] "
+                                  f"{e}") from e
+        out.append(clf.engine.policy.scores(clf.image_encoder.encode(images)))
+    return np.concatenate(out).astype(np.float64)
 
 
 def calibrate(model_dir: Path, policy_path: Path, labels: Path, out_dir: Path, *, flag_precision: float = 0.95,
@@ -202,8 +213,11 @@ def calibrate(model_dir: Path, policy_path: Path, labels: Path, out_dir: Path, *
               plots: bool = True, confidence: float = 0.9) -> CalibrationResult:
     if not 0 < flag_precision <= 1 or not 0 < escalate_recall <= 1:
         raise LabelsError("--flag-precision and --escalate-recall must be in (0, 1]")
-    if not 0 <= confidence < 1:
-        raise LabelsError("--confidence must be in [0, 1)")
+    if not (confidence == 0 or 0.5 <= confidence < 1):
+        raise LabelsError("--confidence must be 0 (observed shares) or in [0.5, 1) (a one-sided lower bound)")
+    if confidence > 0 and (flag_precision >= 1 or escalate_recall >= 1):
+        raise LabelsError("a target of 1.0 can never be proven at a confidence above 0: lower it, or use "
+                          "--confidence 0")
     if not 0 < holdout < 1:
         raise LabelsError("--holdout must be between 0 and 1")
     loaded = load_policy(policy_path)
@@ -263,6 +277,7 @@ def calibrate(model_dir: Path, policy_path: Path, labels: Path, out_dir: Path, *
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    report["out_dir"] = str(out_dir)
     new_version = version or f"{loaded.doc.version}+cal.{datetime.now(timezone.utc).strftime('%Y%m%d%H%M')}"
     policy_out = out_dir / "policy.yaml"
     policy_out.write_text(_rewrite_policy(loaded, new_thresholds, new_version, report))
@@ -288,6 +303,11 @@ def _rewrite_policy(loaded, thresholds: dict[str, dict], version: str, report: d
     for c in raw["categories"]:
         if c["id"] in thresholds:
             c["thresholds"] = dict(thresholds[c["id"]])
+    out_dir = Path(report["out_dir"]).resolve()
+    for key in ("banks", "pdq_banks"):  # relative bank paths must still find their files from the new folder
+        for ref in raw.get(key) or ():
+            if not Path(ref["path"]).is_absolute():
+                ref["path"] = os.path.relpath((loaded.path.parent / ref["path"]).resolve(), out_dir)
     header = (f"# Calibrated by `moderator calibrate` from {report['labels']} ({report['calibration_images']} "
               f"calibration images, {report['heldout_images']} held out)\n"
               f"# on {datetime.now(timezone.utc).isoformat(timespec='seconds')}: flag precision >= "
@@ -346,11 +366,15 @@ def compare_templates(model_dir: Path, policy_path: Path, labels: Path) -> dict:
     loaded = load_policy(policy_path)
     items = read_labels(labels, loaded.doc)
     raw = yaml.safe_load(loaded.path.read_bytes())
-    single = dict(raw)
+    single = copy.deepcopy(raw)
     single["templates"] = [loaded.doc.templates[0]]
     single["categories"] = [{**c, "templates": [c["templates"][0]]} if c.get("templates") else c
                             for c in raw["categories"]]
-    single_path = Path(policy_path).with_name(f".{Path(policy_path).stem}.single-template.yaml")
+    for key in ("banks", "pdq_banks"):  # the copy lives in a temporary folder: absolute bank paths
+        for ref in single.get(key) or ():
+            ref["path"] = str((loaded.path.parent / ref["path"]).resolve())
+    tmp = Path(tempfile.mkdtemp(prefix="moderator-templates-"))
+    single_path = tmp / "single-template.yaml"
     out: dict = {"images": len(items), "ensemble_templates": loaded.doc.templates,
                  "single_template": loaded.doc.templates[0], "categories": {}}
     try:
@@ -366,5 +390,5 @@ def compare_templates(model_dir: Path, policy_path: Path, labels: Path) -> dict:
                 entry[name] = {"flag": at(scores[:, j], pos, cc.cat.thresholds.flag),
                                "escalate": at(scores[:, j], pos, cc.cat.thresholds.escalate)}
     finally:
-        single_path.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

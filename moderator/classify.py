@@ -49,10 +49,12 @@ class Classifier:
 
     def __init__(self, model_dir: Path | str, policy_path: Path | str, *, redis_url: str | None = None,
                  providers: list[str] | None = None, limits: DecodeLimits = DecodeLimits(),
-                 redis_options: dict | None = None) -> None:
+                 redis_options: dict | None = None, jpeg_draft: bool = True) -> None:
         self.model_dir = ModelDirectory(model_dir)
         self.image_encoder = ImageEncoder(self.model_dir, providers=providers)
         self.limits = limits
+        h, w = self.image_encoder.preprocessor.image_size  # decode as the worker does (MODERATOR_JPEG_DRAFT)
+        self.draft = (w, h) if jpeg_draft else None
         self.compile = PolicyCompiler(
             self.model_dir, (RedisEmbeddingCache.from_url(redis_url, options=redis_options) if redis_url
                              else InProcessCache()),
@@ -69,7 +71,7 @@ class Classifier:
                     data = path.read_bytes()
                 except OSError as e:
                     raise InputError(f"cannot read file: {e.strerror or e}", reason="unreadable_file") from e
-                decoded = decode_image(data, self.limits)
+                decoded = decode_image(data, self.limits, draft=self.draft)
             except ModeratorError as e:
                 yield FileResult(path, error=e)
                 continue

@@ -331,6 +331,5 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     def resolved_transactional_id(self) -> str:
         return self.transactional_id or f"moderator-{self.consumer_group}-{self.client_id}"
 
-    def output_topics(self) -> tuple[str, str, str, str, str]:
-        return (self.decisions_topic, self.flagged_topic, self.review_topic, self.dead_letter_topic,
-                self.shadow_decisions_topic)
+    def output_topics(self) -> tuple[str, str, str, str]:
+        return self.decisions_topic, self.flagged_topic, self.review_topic, self.dead_letter_topic

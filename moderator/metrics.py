@@ -28,8 +28,9 @@ CATEGORY_ACTIONS = Counter(
 )
 BANK_MATCHES = Counter(
     "moderator_bank_matches_total",
-    "Images that matched an image bank, by bank and the bank's action (flag, escalate, allow)",
-    ["bank", "action"],
+    "Images that matched an image or PDQ bank, by bank, the bank's action (flag, escalate, allow) and "
+    "whether it was applied (an allow match is not, under a known-bad match or a never_overridable category)",
+    ["bank", "action", "applied"],
 )
 SHADOW_POLICY_RELOADS = Counter(
     "moderator_shadow_policy_reloads_total", "Shadow policy reload attempts by result", ["result"]

@@ -80,7 +80,10 @@ def test_round_trip_and_exact_best_match(md, tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "corrupt or truncated"),
-    (lambda p: p.write_bytes(b"not a zip at all"), "corrupt or truncated"),
+    (lambda p: p.write_bytes(b"not a zip at all"), "not a moderator bank file"),
+    (lambda p: p.write_bytes(b""), "not a moderator bank file"),
+    (lambda p: np.save(open(p, "wb"), np.zeros((2, 4), np.float32)), "not a moderator bank file"),  # a bare .npy
+    (lambda p: p.write_bytes(b"PK\x03\x04" + b"\x00" * 40), "corrupt or truncated"),
     (lambda p: p.unlink(), "cannot read bank file"),
     (lambda p: np.savez(p, embeddings=np.zeros((1, 4), np.float32)), "no 'manifest' array"),
 ])
@@ -159,7 +162,7 @@ def _forced(policy, x, category, action):
 
 def test_known_bad_flags_with_the_item_and_similarity(banked):
     policy, bad, _, other = banked
-    before = metrics.BANK_MATCHES.labels(bank="bad", action="flag")._value.get()
+    before = metrics.BANK_MATCHES.labels(bank="bad", action="flag", applied="true")._value.get()
     x = np.stack([bad[2] * 0.98 + other[0] * 0.05, other[1]])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     d, miss = _decide(policy, x)
@@ -169,7 +172,7 @@ def test_known_bad_flags_with_the_item_and_similarity(banked):
     assert (m.bank, m.kind, m.item_id, m.applied, m.by_sha256) == ("bad", "known_bad", "bad-2", True, False)
     assert m.similarity >= 0.9
     assert any(r.startswith("bank:bad flag item bad-2 similarity") for r in d.reasons)
-    assert metrics.BANK_MATCHES.labels(bank="bad", action="flag")._value.get() == before + 1
+    assert metrics.BANK_MATCHES.labels(bank="bad", action="flag", applied="true")._value.get() == before + 1
 
 
 def test_sha256_match_counts_whatever_the_similarity(banked):
@@ -238,7 +241,7 @@ def test_bank_files_hot_reload_and_a_bad_one_keeps_the_old(md, tmp_path, caplog)
         (tmp_path / "bad.npz").write_bytes(b"garbage")
         assert watcher.check_once() == "rejected"
     assert len(engine.policy.banks[0].bank) == 4  # the old bank stays in force
-    assert any("bad.npz" in r.getMessage() and "corrupt or truncated" in r.getMessage() for r in caplog.records)
+    assert any("bad.npz" in r.getMessage() and "not a moderator bank file" in r.getMessage() for r in caplog.records)
     # a policy naming a missing bank is retried once the file appears
     (tmp_path / "policy.yaml").write_text(POLICY.replace("bad.npz", "later.npz").replace('"b1"', '"b2"'))
     assert watcher.check_once() == "rejected"
@@ -313,6 +316,9 @@ def test_cli_bad_inputs_are_one_line_errors(md, shapes, tmp_path, capsys):
     bank.write_bytes(b"PK\x03\x04 truncated")
     assert main(["bank", "info", str(bank)]) == 2
     assert "[bank_invalid]" in capsys.readouterr().err
+    np.save(open(bank, "wb"), np.zeros((2, 4), np.float32))  # a bare .npy is refused, not a traceback
+    assert main(["bank", "list", str(bank)]) == 2
+    assert "not a moderator bank file" in capsys.readouterr().err
     assert main(["bank", "remove", str(tmp_path / "missing.npz"), "x"]) == 2
     assert "cannot read bank file" in capsys.readouterr().err
 
@@ -346,7 +352,10 @@ def test_pdq_bank_files_csv_tsv_header_comments_and_errors(tmp_path):
             (f"{h1},a\nnot-a-hash,b\n", r"a.csv: line 2: 'not-a-hash' is not a PDQ hash"),
             (f"{h1},a\n{h2[:-1]},b\n", r"line 2: .* is not a PDQ hash"),
             (f"{h1},a\n{h2},a\n", r"line 2: id 'a' already used on line 1"),
-            (f"{h1},a,b,c\n", r"line 1: expected hash\[,id\[,label\]\], got 4 fields")):
+            (f"{h1},a,b,c\n", r"line 1: expected hash\[,id\[,label\]\], got 4 fields"),
+            (f"{h1[:-2]},a\n{h2},b\n", r"line 1: .* is not a PDQ hash"),  # a short first hash is no header
+            ("pdq_hash,id\n", r"a.csv: no PDQ hashes"),
+            ("", r"a.csv: no PDQ hashes")):
         p.write_text(text)
         with pytest.raises(BankError, match=message):
             read_pdq_bank(p)

@@ -124,3 +124,15 @@ def test_calibrated_thresholds_meet_the_precision_on_the_held_out_split(demo_mod
             assert im.format == "PNG" and im.size[0] > 500
     assert json.loads((out / "report.json").read_text())["new_version"] == "demo-1+cal-test"
     assert yaml.safe_load((out / "policy.yaml").read_text())["version"] == "demo-1+cal-test"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--confidence", "0.3"], "--confidence must be 0"),
+    (["--flag-precision", "1.0"], "a target of 1.0 can never be proven"),
+    (["--holdout", "1.0"], "--holdout must be between 0 and 1"),
+])
+def test_cli_refuses_settings_that_cannot_work(tmp_path, capsys, random_model_dir, args, message):
+    labels = _labels(tmp_path, ['{"path": "a.png", "categories": ["red_star"]}'])
+    rc = main(["calibrate", "--labels", str(labels), "--policy", str(DEMO_POLICY), "--model-dir",
+               str(random_model_dir), "--out", str(tmp_path / "out"), *args])
+    assert rc == 2 and message in capsys.readouterr().err

@@ -22,6 +22,7 @@ import os
 import tempfile
 import threading
 import zipfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,10 +50,13 @@ def fingerprint(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def _normalise(x: np.ndarray, in_place: bool = False) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if in_place and x.flags.writeable:  # a freshly loaded array: no second copy of a large bank
+        x /= norms
+        return x
+    return x / norms
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,9 @@ def read_bank(path: Path | str) -> Bank:
     except OSError as e:
         raise BankError(f"{path}: cannot read bank file: {e.strerror or e}") from e
     digest = hashlib.sha256(raw).hexdigest()
+    if not raw.startswith(b"PK"):  # np.load would take a bare .npy (or refuse a pickle) instead
+        raise BankError(f"{path}: not a moderator bank file (an .npz zip written by `moderator bank`), "
+                        "or truncated to nothing")
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             manifest_raw = _member(npz, "manifest", path)
@@ -113,8 +120,10 @@ def read_bank(path: Path | str) -> Bank:
             emb = _member(npz, "embeddings", path)
     except BankError:
         raise
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError, zipfile.LargeZipFile) as e:
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError, zipfile.LargeZipFile, zlib.error,
+            TypeError) as e:
         raise BankError(f"{path}: not a readable bank file (corrupt or truncated?): {e}") from e
+    del raw
     try:
         manifest = BankManifest.model_validate_json(manifest_raw.tobytes())
     except ValidationError as e:
@@ -153,7 +162,7 @@ def read_bank(path: Path | str) -> Bank:
         seen[item.id] = row
         if item.sha256:
             by_sha.setdefault(item.sha256, row)
-    return Bank(path, manifest, tuple(items), _normalise(emb), digest, by_sha)
+    return Bank(path, manifest, tuple(items), _normalise(emb, in_place=True), digest, by_sha)
 
 
 def write_bank(path: Path | str, manifest: BankManifest, items: list[BankItem], embeddings: np.ndarray) -> Path:
@@ -166,6 +175,14 @@ def write_bank(path: Path | str, manifest: BankManifest, items: list[BankItem], 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp makes 0600; a worker running as another user must still read the bank
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, embeddings=emb, manifest=np.frombuffer(manifest.model_dump_json().encode(), np.uint8),
                      items=np.frombuffer(items_bytes, np.uint8))
@@ -179,25 +196,37 @@ def write_bank(path: Path | str, manifest: BankManifest, items: list[BankItem], 
     return path
 
 
-class BankLoader:
-    """Reads bank files for policy compiles, reusing a loaded bank while its file is unchanged
-    (a policy edit does not re-read a 2 GB bank)."""
+class FileCache:
+    """Loaded bank files by path as the policy names them, reused while the file is unchanged
+    (inode, size, mtime: a policy edit does not re-read a 2 GB bank). ``retain`` drops banks the
+    latest policy no longer lists, so replaced and removed banks are freed."""
 
-    def __init__(self) -> None:
-        self._loaded: dict[Path, tuple[tuple[int, int, int] | None, Bank]] = {}
+    def __init__(self, read) -> None:
+        self._read = read
+        self._loaded: dict[str, tuple[tuple[int, int, int] | None, object]] = {}
         self._lock = threading.Lock()
 
-    def load(self, path: Path) -> Bank:
-        key = path.resolve()
-        fp = fingerprint(path)
+    def load(self, path: Path):
+        key, fp = str(path), fingerprint(path)
         with self._lock:
             hit = self._loaded.get(key)
         if hit is not None and fp is not None and hit[0] == fp:
             return hit[1]
-        bank = read_bank(path)
+        bank = self._read(path)
         with self._lock:
             self._loaded[key] = (fp, bank)
         return bank
+
+    def retain(self, paths) -> None:
+        keep = {str(p) for p in paths}
+        with self._lock:
+            for key in [k for k in self._loaded if k not in keep]:
+                del self._loaded[key]
+
+
+class BankLoader(FileCache):
+    def __init__(self) -> None:
+        super().__init__(read_bank)
 
 
 def check_model(bank: Bank, model_sha256: str, embed_dim: int, name: str | None = None) -> None:

@@ -382,7 +382,7 @@ class DecisionEngine:
                                      similarity=round(h.similarity, 6), distance=h.distance, by_sha256=h.by_sha256,
                                      applied=applied))
             if not self.shadow:
-                metrics.BANK_MATCHES.labels(bank=h.bank, action=h.action).inc()
+                metrics.BANK_MATCHES.labels(bank=h.bank, action=h.action, applied=str(applied).lower()).inc()
 
         for h in bad:
             if ACTION_SEVERITY[h.action] > ACTION_SEVERITY[overall]:
@@ -424,9 +424,14 @@ class PolicyCompiler:
         self.pdq_banks = PdqLoader()
 
     def __call__(self, loaded: LoadedPolicy) -> CompiledPolicy:
-        return compile_policy(loaded, self.model_dir.model_sha256, self.model_dir.manifest.logit_scale,
-                              self.text_encoder, self.cache, embed_dim=self.model_dir.manifest.embed_dim,
-                              banks=self.banks, pdq_banks=self.pdq_banks)
+        compiled = compile_policy(loaded, self.model_dir.model_sha256, self.model_dir.manifest.logit_scale,
+                                  self.text_encoder, self.cache, embed_dim=self.model_dir.manifest.embed_dim,
+                                  banks=self.banks, pdq_banks=self.pdq_banks)
+        # the cache keeps what this compile used; a replaced or dropped bank is freed with the policy
+        # that still references it
+        self.banks.retain(bank_path(loaded, ref) for ref in loaded.doc.banks)
+        self.pdq_banks.retain(bank_path(loaded, ref) for ref in loaded.doc.pdq_banks)
+        return compiled
 
     def engine(self, loaded: LoadedPolicy, *, shadow: bool = False) -> DecisionEngine:
         m = self.model_dir

@@ -3,8 +3,8 @@
 The file is CSV or TSV (by its first data line: a tab means TSV), one hash per row:
 ``hash[,id[,label]]``, the hash as 64 hex digits (256 bits, the form ThreatExchange and
 HMA exchange). Blank lines and ``#`` comments are skipped, and so is a first row whose first
-field is not a hash (a header such as ``pdq_hash,id``). A malformed row is an error naming
-the file and line. Hashes are kept packed (32 bytes each); matching XORs every row with the
+field is a word (a header such as ``pdq_hash,id``: not 64 characters, not all hex). A
+malformed row is an error naming the file and line, and so is a file without hashes. Hashes are kept packed (32 bytes each); matching XORs every row with the
 image's hash and counts bits (``numpy.bitwise_count``).
 """
 
@@ -15,13 +15,12 @@ import functools
 import hashlib
 import io
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from moderator.decide.banks import fingerprint
+from moderator.decide.banks import FileCache
 from moderator.errors import BankError
 
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -80,13 +79,17 @@ def read_pdq_bank(path: Path | str) -> PdqBank:
     delimiter = "\t" if "\t" in first else ","
     hashes, ids, labels, seen = [], [], [], {}
     data_rows = 0
-    for lineno, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), 1):
+    try:
+        rows = list(enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), 1))
+    except csv.Error as e:
+        raise BankError(f"{path}: not a readable CSV/TSV: {e}") from e
+    for lineno, row in rows:
         fields = [f.strip() for f in row]
         if not fields or not any(fields) or fields[0].startswith("#"):
             continue
         data_rows += 1
         if not _HEX.match(fields[0]):
-            if data_rows == 1:  # a header row
+            if data_rows == 1 and _is_header(fields[0]):
                 continue
             raise BankError(f"{path}: line {lineno}: {fields[0][:80]!r} is not a PDQ hash (64 hex digits)")
         if len(fields) > 3:
@@ -98,24 +101,18 @@ def read_pdq_bank(path: Path | str) -> PdqBank:
         hashes.append(np.frombuffer(parse_hex(fields[0]), dtype=np.uint8))
         ids.append(item_id)
         labels.append(fields[2] if len(fields) > 2 and fields[2] else None)
-    matrix = np.stack(hashes) if hashes else np.zeros((0, 32), dtype=np.uint8)
+    if not hashes:  # an empty export, or a file caught mid-write: never an empty known-bad bank by accident
+        raise BankError(f"{path}: no PDQ hashes")
+    matrix = np.stack(hashes)
     return PdqBank(path, hashlib.sha256(raw).hexdigest(), matrix, tuple(ids), tuple(labels))
 
 
-class PdqLoader:
-    """Reuses a loaded PDQ bank while its file is unchanged (inode, size, mtime)."""
+def _is_header(field: str) -> bool:
+    """A header's first field is a word such as ``pdq_hash``: not hash-length and not all hex
+    (a truncated or mistyped hash on the first row is an error, not a header)."""
+    return len(field) != 64 and not re.fullmatch(r"[0-9a-fA-F]*", field)
 
+
+class PdqLoader(FileCache):
     def __init__(self) -> None:
-        self._loaded: dict[Path, tuple[object, PdqBank]] = {}
-        self._lock = threading.Lock()
-
-    def load(self, path: Path) -> PdqBank:
-        key, fp = path.resolve(), fingerprint(path)
-        with self._lock:
-            hit = self._loaded.get(key)
-        if hit is not None and fp is not None and hit[0] == fp:
-            return hit[1]
-        bank = read_pdq_bank(path)
-        with self._lock:
-            self._loaded[key] = (fp, bank)
-        return bank
+        super().__init__(read_pdq_bank)

@@ -72,6 +72,11 @@ class PolicyWatcher:
             log.error("rejected new %s file, keeping version %s: %s", self.name, self.engine.policy.version, e)
             self._reloads.labels(result="rejected").inc()
             return "rejected"
+        except Exception as e:  # a reader bug must still count as a rejection, not kill the watcher
+            log.exception("rejected new %s file, keeping version %s: unexpected %s: %s", self.name,
+                          self.engine.policy.version, type(e).__name__, e)
+            self._reloads.labels(result="rejected").inc()
+            return "rejected"
         old = self.engine.policy.version
         self.engine.swap(compiled)
         self._reloads.labels(result="reloaded").inc()

@@ -6,8 +6,11 @@ Every record is keyed by event id (so one event's records share a partition) and
 carries the model and policy versions in headers. A decision goes to
 ``decisions``; a ``flag`` is copied to ``flagged`` and an ``escalate`` to
 ``review``. Callers get one callback per *input*, once all its records are
-acknowledged -- the worker commits that input's offset only then. A shadow policy's
-decisions go to ``shadow-decisions`` only, and nothing waits for them.
+acknowledged -- the worker commits that input's offset only then.
+
+``ShadowPublisher`` sends a shadow policy's decisions to ``shadow-decisions`` on its own
+producer and thread: nothing waits for them, and no trouble on that topic (missing,
+refused, full) can block, abort or fail the live producer.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +48,6 @@ class Topics:
     flagged: str = "flagged"
     review: str = "review"
     dead_letter: str = "dead-letter"
-    shadow_decisions: str = "shadow-decisions"
 
 
 @dataclass(frozen=True)
@@ -163,14 +166,6 @@ class DecisionPublisher:
             topics.append(self.topics.review)
         self._send_all(topics, decision.event_id.encode(), value, headers, on_acked, on_failed)
 
-    def publish_shadow(self, decision: Decision, on_failed: Callable[[Exception], None]) -> None:
-        """A shadow policy's decision: to the shadow topic only; no input waits for its ack."""
-        value = decision.model_dump_json().encode()
-        headers = self._headers(decision.model_sha256, decision.model_architecture, decision.policy_version,
-                                decision.policy_sha256, {H_ACTION: decision.action, H_SHADOW: "true"})
-        self._send_all([self.topics.shadow_decisions], decision.event_id.encode(), value, headers,
-                       lambda: None, on_failed)
-
     def publish_dead_letter(self, dead: DeadLetter, key: bytes | None, on_acked: Callable[[], None],
                             on_failed: Callable[[Exception], None]) -> None:
         headers = self._headers(dead.model_sha256 or "", None, dead.policy_version or "", "",
@@ -198,4 +193,92 @@ class DecisionPublisher:
         self.producer.close(timeout=timeout_s)
 
 
-__all__ = ["DecisionPublisher", "SourceRecord", "Topics", "build_dead_letter"]
+class ShadowPublisher:
+    """A shadow policy's decisions: best effort, isolated from the live path.
+
+    The encode thread only enqueues (``submit`` never blocks: a full queue drops the record and
+    counts it); a thread of its own serialises and sends on a separate, non-transactional,
+    non-idempotent producer whose sends block at most ``max_block_ms``. A failed send is counted
+    in ``moderator_shadow_errors_total{stage="publish"}`` and logged at most once a minute.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, *, client_id: str = "moderator", linger_ms: int = 5,
+                 security: dict | None = None, max_queue: int = 10_000, max_block_ms: int = 2_000,
+                 producer: KafkaProducer | None = None) -> None:
+        self.topic = topic
+        self.producer = producer or KafkaProducer(
+            bootstrap_servers=bootstrap_servers, client_id=f"{client_id}-shadow", acks="all",
+            enable_idempotence=False, linger_ms=linger_ms, max_block_ms=max_block_ms,
+            delivery_timeout_ms=30_000, request_timeout_ms=10_000, reconnect_backoff_max_ms=2_000,
+            **(security or {}))
+        self._queue: queue.Queue = queue.Queue(max_queue)
+        self._thread = threading.Thread(target=self._run, name="shadow-publisher", daemon=True)
+        self._last_log = 0.0
+
+    def check_topic(self, timeout_s: float) -> None:
+        """The topic exists (or the broker auto-creates it) and this client sees it: else a start
+        error, not a stream of dropped records."""
+        from moderator.errors import ModeratorError  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if self.producer.partitions_for(self.topic):
+                    return
+            except Exception as e:  # KafkaTimeoutError while metadata is unknown
+                last = e
+            time.sleep(0.5)
+        raise ModeratorError(f"shadow decisions topic {self.topic!r} is not available after {timeout_s:.0f}s "
+                             f"({type(last).__name__ if last else 'no partitions'}): create it, or unset "
+                             "MODERATOR_SHADOW_POLICY", reason="shadow_topic_unavailable")
+
+    def start(self) -> "ShadowPublisher":
+        self._thread.start()
+        return self
+
+    def submit(self, decision: Decision) -> None:
+        try:
+            self._queue.put_nowait(decision)
+        except queue.Full:
+            self._failed(RuntimeError("shadow queue full"), stage="queue_full")
+
+    def _run(self) -> None:
+        while True:
+            d = self._queue.get()
+            if d is None:
+                return
+            try:
+                headers = DecisionPublisher._headers(
+                    d.model_sha256, d.model_architecture, d.policy_version, d.policy_sha256,
+                    {H_ACTION: d.action, H_SHADOW: "true"})
+                fut = self.producer.send(self.topic, value=d.model_dump_json().encode(), key=d.event_id.encode(),
+                                         headers=headers)
+                fut.add_callback(lambda _md: metrics.RECORDS_PUBLISHED.labels(topic=self.topic).inc())
+                fut.add_errback(self._failed)
+            except Exception as e:  # metadata timeout, record too large, producer closed
+                self._failed(e)
+
+    def _failed(self, err: Exception, stage: str = "publish") -> None:
+        metrics.SHADOW_ERRORS.labels(stage=stage).inc()
+        now = time.monotonic()
+        if now - self._last_log > 60:
+            self._last_log = now
+            log.warning("shadow decision not published (%s: %s); live decisions are unaffected "
+                        "(moderator_shadow_errors_total counts them)", type(err).__name__, err)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._queue.put(None, timeout=max(0.1, timeout_s / 2))
+        except queue.Full:
+            pass
+        if self._thread.is_alive():
+            self._thread.join(max(0.1, deadline - time.monotonic()))
+        try:
+            self.producer.close(timeout=max(0.5, deadline - time.monotonic()))
+        except Exception as e:
+            log.warning("shadow producer close: %s", e)
+
+
+__all__ = ["DecisionPublisher", "ShadowPublisher", "SourceRecord", "Topics", "build_dead_letter"]

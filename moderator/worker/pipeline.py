@@ -93,8 +93,6 @@ class Publisher(Protocol):
     def publish_dead_letter(self, dead: DeadLetter, key: bytes | None, on_acked: Callable[[], None],
                             on_failed: Callable[[Exception], None]) -> None: ...
 
-    def publish_shadow(self, decision: Decision, on_failed: Callable[[Exception], None]) -> None: ...
-
 
 # Stages whose time the benchmark reports per event (seconds summed over events).
 STAGES = ("queue_wait", "parse", "fetch", "hash_cache", "decode", "pdq", "gpu_decode", "encode", "score",
@@ -153,11 +151,6 @@ def record_disagreements(live: Decision, shadow: Decision) -> None:
             metrics.SHADOW_DISAGREEMENTS.labels(category=c.id, live=c.action, shadow=other).inc()
 
 
-def _shadow_failed(err: Exception) -> None:
-    metrics.SHADOW_ERRORS.labels(stage="publish").inc()
-    log.warning("shadow decision not published: %s", err)
-
-
 class Pipeline:
     """prepare -> finish for one worker. The publisher is attached when the worker starts."""
 
@@ -169,6 +162,7 @@ class Pipeline:
                  device_jpeg=None, shadow_engine: DecisionEngine | None = None) -> None:
         self.engine = engine
         self.shadow_engine = shadow_engine  # decides too, publishes to the shadow topic only
+        self.shadow_publisher = None  # ShadowPublisher, attached when the worker starts (None: count only)
         self.encoder = encoder
         self.preprocessor = encoder.preprocessor
         self.model_sha256 = model_sha256
@@ -228,7 +222,7 @@ class Pipeline:
         """Hash once; a cached embedding for this model makes the record done (unless the policy
         needs the image's PDQ hash: then it is decoded for that, not encoded)."""
         with self._guard(p):
-            if data and self._cached(data, p) and not self.engine.policy.needs_pdq:
+            if data and self._cached(data, p) and not self.needs_pdq():
                 p.done = True
 
     def decode(self, p: Prepared, data: bytes | None) -> Prepared:
@@ -281,7 +275,7 @@ class Pipeline:
 
     def _decode(self, data: bytes, p: Prepared) -> None:
         t0 = time.perf_counter()
-        needs_pdq = self.engine.policy.needs_pdq
+        needs_pdq = self.needs_pdq()
         if self.device_jpeg is not None and not needs_pdq:  # PDQ hashes a CPU-decoded image
             # the same hostile-input checks as decode_image, on the header only; bad input raises here
             probe = self.device_jpeg.eligible(data, self.decode_limits, sha256=p.image_sha256)
@@ -349,9 +343,15 @@ class Pipeline:
             if p.error is not None:
                 self.publish_dead_letter(p)
 
+    def needs_pdq(self) -> bool:
+        """Images need a PDQ hash when the live or the shadow policy lists PDQ banks."""
+        return self.engine.policy.needs_pdq or (self.shadow_engine is not None
+                                                 and self.shadow_engine.policy.needs_pdq)
+
     def _shadow(self, good: list[Prepared], live: list[Decision]) -> None:
         """The shadow policy on the same embeddings. Never changes, delays the commit of, or
-        fails a live decision: its errors are counted and logged, and nothing waits for its acks."""
+        fails a live decision: its errors are counted and logged, and its records go through
+        ``ShadowPublisher`` (own queue, thread and producer), which nothing waits for."""
         try:
             shadow = self.shadow_engine.decide(
                 [p.event_id for p in good], np.stack([p.embedding for p in good]),
@@ -364,10 +364,8 @@ class Pipeline:
         for d_live, d in zip(live, shadow):
             d.cached = d_live.cached
             record_disagreements(d_live, d)
-            try:
-                self.publisher.publish_shadow(d, _shadow_failed)
-            except Exception as e:  # a buffer-full timeout or a closed producer
-                _shadow_failed(e)
+            if self.shadow_publisher is not None:
+                self.shadow_publisher.submit(d)  # never blocks: its own queue, thread and producer
 
     def _device_decode(self, items: list[Prepared]):
         """nvJPEG the batch's JPEGs; the ones it cannot decode take the CPU path here."""
