@@ -136,3 +136,21 @@ def test_cli_refuses_settings_that_cannot_work(tmp_path, capsys, random_model_di
     rc = main(["calibrate", "--labels", str(labels), "--policy", str(DEMO_POLICY), "--model-dir",
                str(random_model_dir), "--out", str(tmp_path / "out"), *args])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_new_policy_keeps_its_banks_reachable_from_the_output_folder(tmp_path):
+    from moderator.calibrate import _rewrite_policy
+
+    src = tmp_path / "policies"
+    src.mkdir()
+    text = DEMO_POLICY.read_text() + (
+        "banks:\n  - {name: kb, path: banks/kb.npz, kind: known_bad}\n"
+        "pdq_banks:\n  - {name: tx, path: /abs/tx.csv}\n")
+    (src / "p.yaml").write_text(text)
+    out = tmp_path / "elsewhere" / "cal"
+    out.mkdir(parents=True)
+    report = {"labels": "l", "calibration_images": 1, "heldout_images": 1, "flag_precision": 0.95,
+              "escalate_recall": 0.9, "out_dir": str(out)}
+    new = yaml.safe_load(_rewrite_policy(load_policy(src / "p.yaml"), {}, "v2", report))
+    assert (out / new["banks"][0]["path"]).resolve() == (src / "banks" / "kb.npz").resolve()
+    assert new["pdq_banks"][0]["path"] == "/abs/tx.csv"
