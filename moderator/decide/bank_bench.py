@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from moderator.decide.banks import Bank
+from moderator.encode.bench import _rate
 from moderator.schemas import BankItem, BankManifest
 
 
@@ -25,14 +26,9 @@ def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 
 def _time(fn, seconds: float) -> tuple[float, int]:
-    fn()  # warm
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= seconds and n >= 3:
-            return dt / n, n
+    """(seconds per call, calls) over at least ``seconds``: the encoder benchmark's timing loop."""
+    rate, calls = _rate(fn, 1, seconds)
+    return 1.0 / rate, calls
 
 
 def _bank(emb: np.ndarray) -> Bank:

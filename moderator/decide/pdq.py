@@ -60,10 +60,6 @@ class PdqBank:
         return np.ascontiguousarray(np.ascontiguousarray(self.hashes).view(np.uint64).T)
 
 
-def parse_hex(text: str) -> bytes:
-    return bytes.fromhex(text)
-
-
 def read_pdq_bank(path: Path | str) -> PdqBank:
     path = Path(path)
     try:
@@ -98,7 +94,7 @@ def read_pdq_bank(path: Path | str) -> PdqBank:
         if item_id in seen:
             raise BankError(f"{path}: line {lineno}: id {item_id!r} already used on line {seen[item_id]}")
         seen[item_id] = lineno
-        hashes.append(np.frombuffer(parse_hex(fields[0]), dtype=np.uint8))
+        hashes.append(np.frombuffer(bytes.fromhex(fields[0]), dtype=np.uint8))
         ids.append(item_id)
         labels.append(fields[2] if len(fields) > 2 and fields[2] else None)
     if not hashes:  # an empty export, or a file caught mid-write: never an empty known-bad bank by accident
