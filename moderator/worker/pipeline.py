@@ -263,9 +263,8 @@ class Pipeline:
         p.image_sha256 = hashlib.sha256(data).hexdigest()
         hit = False
         banked = self.engine.policy.bank_embedding(p.image_sha256)  # a banked file, byte for byte
-        if banked is not None and banked.shape == (self.embed_dim,):
+        if banked is not None and banked.shape == (self.embed_dim,):  # the decision's bank match says by_sha256
             p.embedding, hit = banked, True
-            p.timings["bank_sha256"] = 1.0
         elif self.embedding_cache is not None:
             emb = self.embedding_cache.get(image_embedding_key(self.model_sha256, p.image_sha256))
             if emb is not None and emb.shape == (self.embed_dim,):
