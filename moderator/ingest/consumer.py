@@ -101,7 +101,8 @@ def make_consumer(settings: WorkerSettings) -> KafkaConsumer:
 
 
 def subscribe(consumer: KafkaConsumer, topic: str, hooks: RebalanceHooks, *, wait_s: float = 30.0) -> None:
-    """Join the group for ``topic`` once this client's metadata lists the topic's partitions.
+    """Join the group for ``topic`` once this client's metadata lists the topic's partitions,
+    each with a leader, the same in two metadata responses in a row.
 
     When the group's first assignment is computed before the first metadata response for
     the topic has arrived, the member is assigned nothing ("No partition metadata for
@@ -112,13 +113,21 @@ def subscribe(consumer: KafkaConsumer, topic: str, hooks: RebalanceHooks, *, wai
     """
     deadline = time.monotonic() + wait_s
     partitions: set = set()
+    previous: set | None = None
     while True:
         try:
             consumer.topics()  # a fresh metadata request
             partitions = consumer.partitions_for_topic(topic) or set()
+            # every partition led, and the same set twice in a row: a just-created topic's partitions
+            # appear in metadata as their leaders are elected, and each new one after the first
+            # assignment forces a rejoin (after which a member was seen never to be assigned again)
+            led = set(consumer._client.cluster.available_partitions_for_topic(topic) or ())
+            settled = bool(partitions) and led == partitions and partitions == previous
+            previous = partitions
         except KafkaError as e:
             log.debug("metadata for %s not available yet: %s", topic, e)
-        if partitions or time.monotonic() >= deadline:
+            settled = False
+        if settled or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
     if not partitions:
