@@ -26,6 +26,10 @@ DECISIONS = Counter("moderator_decisions_total", "Decisions by overall action", 
 CATEGORY_ACTIONS = Counter(
     "moderator_category_actions_total", "Per-category non-allow outcomes", ["category", "action"]
 )
+REJOINS_FORCED = Counter(
+    "moderator_rejoins_forced_total",
+    "Times the consumer left and rejoined its group because a rebalance gave it no assignment in time",
+)
 BANK_MATCHES = Counter(
     "moderator_bank_matches_total",
     "Images that matched an image or PDQ bank, by bank, the bank's action (flag, escalate, allow) and "

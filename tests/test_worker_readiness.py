@@ -82,3 +82,34 @@ def test_ready_with_partitions_ready_as_a_standby_without_and_not_ready_once_sto
     assert metrics.WORKER_READY.collect()[0].samples[0].value == 0.0  # the same function
     second.thread.join(60)
     assert metrics.WORKER_READY.collect()[0].samples[0].value == 0.0
+
+
+def test_a_rebalance_that_never_assigns_is_left_and_rejoined_losing_nothing(
+        random_model_dir, stream_topics, worker_settings, start_worker, read_outputs, kafka_bootstrap, monkeypatch):
+    """The stall seen with kafka-python 3.0.12 (revoked, then never assigned again) cannot be
+    provoked on demand, so the test makes the worker believe it: the watchdog must leave the
+    group, join again, get its partitions back and decide every event, before and after."""
+    from moderator.produce import produce, synthetic_events
+
+    topics = stream_topics(2)
+    worker = start_worker(worker_settings(random_model_dir, topics, max_batch=8))
+    first = list(synthetic_events(20, seed=31, size=48, id_prefix="rj1"))
+    produce(kafka_bootstrap, topics.input, first)
+    assert len({v["event_id"] for _, v in read_outputs(topics, 20)[topics.decisions]}) == 20
+    forced = metrics.REJOINS_FORCED._value.get()
+    assert not worker.committer.rebalance_stalled(0.0)  # assigned: nothing to do
+    monkeypatch.setattr(type(worker), "rebalance_limit_s", lambda self: 0.5)
+    worker.committer.unassigned_since = time.monotonic() - 10  # "revoked 10 s ago, never assigned"
+    deadline = time.monotonic() + 30
+    while metrics.REJOINS_FORCED._value.get() == forced:
+        assert time.monotonic() < deadline, "the watchdog did not rejoin"
+        time.sleep(0.1)
+    while worker.committer.unassigned_since is not None or not worker.tracker.assigned():
+        assert time.monotonic() < deadline, "no assignment after the forced rejoin"
+        time.sleep(0.1)
+    assert len(worker.tracker.assigned()) == 2 and metrics.REJOINS_FORCED._value.get() == forced + 1
+    second = list(synthetic_events(20, seed=32, size=48, id_prefix="rj2"))
+    produce(kafka_bootstrap, topics.input, second)
+    got = {v["event_id"] for _, v in read_outputs(topics, 40)[topics.decisions]}
+    assert got == {e.id for e in first + second}
+    assert worker._fatal is None

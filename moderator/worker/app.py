@@ -126,6 +126,7 @@ class Worker:
         self._fatal: BaseException | None = None
         self._encoder_warm = False
         self._consumer = None
+        self._hooks: RebalanceHooks | None = None
         self._publisher: DecisionPublisher | None = None
         self.ops: OpsServer | None = None
 
@@ -322,11 +323,11 @@ class Worker:
         closing.callback(self._close_producer)
         self._consumer = make_consumer(s)
         self.committer.attach(self._consumer)
-        subscribe(self._consumer, s.input_topic,
-                  RebalanceHooks(self.committer.on_revoked, self.committer.on_assigned, self.committer.on_lost,
-                                 drained=self.committer.drained, revoke_wait_s=self.committer.revoke_wait_s,
-                                 committing=self.committer.committing,
-                                 commit_wait_s=s.transaction_timeout_ms / 1000))
+        self._hooks = RebalanceHooks(self.committer.on_revoked, self.committer.on_assigned, self.committer.on_lost,
+                                     drained=self.committer.drained, revoke_wait_s=self.committer.revoke_wait_s,
+                                     committing=self.committer.committing,
+                                     commit_wait_s=s.transaction_timeout_ms / 1000)
+        subscribe(self._consumer, s.input_topic, self._hooks)
         closing.callback(self._close_consumer)
         self.stages.start()
         log.info("worker started", extra={"event": "started", "input_topic": s.input_topic,
@@ -359,6 +360,33 @@ class Worker:
             metrics.IN_FLIGHT.set(self.tracker.in_flight)
             metrics.IN_FLIGHT_BYTES.set(self.tracker.in_flight_bytes)
             self.committer.tick()
+            self._unstick_rebalance()
+
+    def rebalance_limit_s(self) -> float:
+        """How long a rebalance may leave this member without an assignment before it rejoins."""
+        s = self.s
+        return max(30.0, 3 * s.session_timeout_ms / 1000, s.revoke_wait_ms / 1000 + s.session_timeout_ms / 1000)
+
+    def _unstick_rebalance(self) -> None:
+        """A rebalance that never hands this member an assignment (not even an empty one) stalls
+        the worker while it looks healthy: kafka-python 3.0.12 was seen not to finish a rejoin after
+        a revoke. Past ``rebalance_limit_s`` the consumer leaves the group and subscribes again."""
+        limit = self.rebalance_limit_s()
+        if not self.committer.rebalance_stalled(limit):
+            return
+        metrics.REJOINS_FORCED.inc()
+        log.warning("no partition assignment %.0f s after a revoke: leaving the group and joining again", limit,
+                    extra={"event": "rejoin_forced", "limit_s": limit})
+        self.committer.unassigned_since = time.monotonic()  # one try per limit
+        try:
+            held = self.tracker.assigned()
+            if held:  # normally none (they were revoked); else commit what is done, redo the rest
+                self.committer.on_revoked(held)
+                self.committer.unassigned_since = time.monotonic()
+            self._consumer.unsubscribe()
+            subscribe(self._consumer, self.s.input_topic, self._hooks, wait_s=5.0)
+        except Exception as e:  # the next poll retries; the limit spaces the tries out
+            log.warning("forced rejoin failed: %s", e, extra={"event": "rejoin_failed"})
 
     def _seek_rewinds(self) -> None:
         """Partitions to read again from an offset: a batch whose transaction aborted

@@ -34,6 +34,9 @@ class OffsetCommitter:
         self.consumer = None  # set by attach(): the hooks are registered before it exists
         self.assigned_once = threading.Event()
         self.closing = False
+        # when partitions were revoked or lost and no assignment (not even an empty one) has
+        # followed: the group is rebalancing, and a rebalance that never ends is a stall
+        self.unassigned_since: float | None = None
         self._interval_s = commit_interval_ms / 1000
         self._revoke_wait_s = revoke_wait_ms / 1000
         self._next = time.monotonic() + self._interval_s
@@ -75,6 +78,7 @@ class OffsetCommitter:
     # -- rebalance hooks (kafka-python's IO thread: no blocking consumer calls) ---------------------
 
     def on_assigned(self, tps: set[TopicPartition]) -> None:
+        self.unassigned_since = None
         self.tracker.assign(tps)
         metrics.REBALANCES.labels(event="assigned").inc(len(tps))
         self.assigned_once.set()  # joined the group, even with an empty assignment
@@ -110,7 +114,14 @@ class OffsetCommitter:
     def on_lost(self, tps: set[TopicPartition]) -> None:
         self._forget(tps, "lost")  # no longer ours: committing would be refused anyway
 
+    def rebalance_stalled(self, limit_s: float) -> bool:
+        """Revoked (or lost) more than ``limit_s`` ago and not assigned since."""
+        since = self.unassigned_since
+        return since is not None and not self.closing and time.monotonic() - since > limit_s
+
     def _forget(self, tps: set[TopicPartition], why: str) -> None:
+        if self.unassigned_since is None:
+            self.unassigned_since = time.monotonic()
         dropped = self.tracker.revoke(tps, remember=why == "revoked")
         metrics.REBALANCES.labels(event=why).inc(len(tps))
         if dropped:
