@@ -176,8 +176,33 @@ def test_banked_near_duplicate_and_allow_listed_images(
 
 
 def _volatile_free(v: dict) -> dict:
-    """A live decision without the two fields that differ between any two runs."""
-    return {k: x for k, x in v.items() if k not in ("decided_at", "timings_ms")}
+    """A live decision without what differs between any two runs: the clock fields, and the last
+    printed digit of scores (a float32 product's last bit depends on the batch's BLAS kernel, and
+    two workers batch differently), so scores are compared to 5 places and reasons without numbers."""
+    import re
+
+    out = {k: x for k, x in v.items() if k not in ("decided_at", "timings_ms", "categories", "reasons")}
+    out["categories"] = [{**c, "score": None} for c in v["categories"]]
+    out["reasons"] = [re.sub(r"\d+\.\d+", "#", r) for r in v["reasons"]]
+    out["scores"] = [c["score"] for c in v["categories"]]
+    return out
+
+
+def _same_live_records(a: list, b: list) -> None:
+    """The same (key, headers, decision) records on a live topic of both workers, as sets (under
+    load a rebalance may legitimately replay a record in either run)."""
+    def index(records):
+        out = {}
+        for r, v in records:
+            d = _volatile_free(v)
+            scores = d.pop("scores")
+            out.setdefault((r.key, tuple(sorted(r.headers)), json.dumps(d, sort_keys=True)), scores)
+        return out
+
+    ia, ib = index(a), index(b)
+    assert set(ia) == set(ib)
+    for k, scores in ia.items():
+        assert scores == pytest.approx(ib[k], abs=1.5e-6), k[0]
 
 
 @pytest.mark.slow
@@ -205,14 +230,9 @@ def test_shadow_policy_decides_beside_the_live_one_and_changes_nothing_live(
     live = read_outputs(shadowed_topics, len(events), timeout_s=120)
     shadow_records = _read_topic(kafka_bootstrap, shadow_topic, len(events))
 
-    # live topics: the same records as without a shadow policy (keys, headers, values but the clock;
-    # as sets: under load a rebalance may legitimately replay a record in either run)
+    # live topics: the same records as without a shadow policy (keys, headers, values but the clock)
     for name in ("decisions", "flagged", "review", "dead_letter"):
-        a = {(r.key, tuple(sorted(r.headers)), json.dumps(_volatile_free(v), sort_keys=True))
-             for r, v in plain[getattr(plain_topics, name)]}
-        b = {(r.key, tuple(sorted(r.headers)), json.dumps(_volatile_free(v), sort_keys=True))
-             for r, v in live[getattr(shadowed_topics, name)]}
-        assert a == b, name
+        _same_live_records(plain[getattr(plain_topics, name)], live[getattr(shadowed_topics, name)])
     assert all(not v["shadow"] for _, v in live[shadowed_topics.decisions])
 
     # the shadow topic: one record per decision, marked, by the shadow policy
