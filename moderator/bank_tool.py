@@ -9,7 +9,6 @@ optional ``id``, ``label``, ``source`` per line (paths relative to the file).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,9 +17,9 @@ from typing import Iterable
 
 import numpy as np
 
-from moderator.classify import expand_paths
+from moderator.classify import decode_file, expand_paths
 from moderator.decide.banks import Bank, read_bank, read_json_lines, utc_now, write_bank
-from moderator.decode import DecodeLimits, decode_image
+from moderator.decode import DecodeLimits
 from moderator.encode import ImageEncoder, ModelDirectory
 from moderator.errors import BankError, InputError, ModeratorError
 from moderator.schemas import BankItem, BankManifest
@@ -127,12 +126,7 @@ class BankBuilder:
                     if src.id in taken:
                         raise InputError(f"id {src.id!r} is already in the bank (remove it first)",
                                          reason="duplicate_id")
-                    try:
-                        data = src.path.read_bytes()
-                    except OSError as e:
-                        raise InputError(f"cannot read {src.path}: {e.strerror or e}", reason="unreadable_file") from e
-                    decoded = decode_image(data, self.limits, sha256=hashlib.sha256(data).hexdigest(),
-                                           draft=self.draft)
+                    decoded = decode_file(src.path, self.limits, self.draft)
                 except ModeratorError as e:
                     report.failed.append({"id": src.id, "where": src.where or str(src.path), "reason": e.reason,
                                           "error": str(e)})

@@ -192,7 +192,7 @@ class CalibrationResult:
 def score_images(clf: Classifier, items: list[Labelled], batch_size: int = 64) -> np.ndarray:
     """(n, C) scores of the policy's enabled categories, through the serving path (the worker's
     decoder with its JPEG draft, the ONNX image encoder, the policy's scoring), unrounded."""
-    from moderator.decode import decode_image  # noqa: PLC0415
+    from moderator.classify import decode_file  # noqa: PLC0415
     from moderator.errors import ModeratorError  # noqa: PLC0415
 
     out = []
@@ -200,10 +200,9 @@ def score_images(clf: Classifier, items: list[Labelled], batch_size: int = 64) -
         images = []
         for it in items[start:start + batch_size]:
             try:
-                images.append(decode_image(it.path.read_bytes(), clf.limits, draft=clf.draft).image)
-            except (ModeratorError, OSError) as e:
-                raise LabelsError(f"{it.path}: (labels line {it.line}) [{getattr(e, 'reason', 'unreadable_file')}] "
-                                  f"{e}") from e
+                images.append(decode_file(it.path, clf.limits, clf.draft).image)
+            except ModeratorError as e:
+                raise LabelsError(f"{it.path}: (labels line {it.line}) [{e.reason}] {e}") from e
         out.append(clf.engine.policy.scores(clf.image_encoder.encode(images)))
     return np.concatenate(out).astype(np.float64)
 

@@ -32,6 +32,15 @@ class FileResult:
     error: ModeratorError | None = None
 
 
+def decode_file(path: Path, limits: DecodeLimits, draft: tuple[int, int] | None = None):
+    """A local image file through the worker's decoder; ``ModeratorError`` (with its reason) if not."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read file: {e.strerror or e}", reason="unreadable_file") from e
+    return decode_image(data, limits, draft=draft)
+
+
 def expand_paths(inputs: Iterable[Path]) -> list[Path]:
     """Files as given; directories contribute their image files (recursively, sorted)."""
     out: list[Path] = []
@@ -67,11 +76,7 @@ class Classifier:
         for path in paths:
             t0 = time.perf_counter()
             try:
-                try:
-                    data = path.read_bytes()
-                except OSError as e:
-                    raise InputError(f"cannot read file: {e.strerror or e}", reason="unreadable_file") from e
-                decoded = decode_image(data, self.limits, draft=self.draft)
+                decoded = decode_file(path, self.limits, self.draft)
             except ModeratorError as e:
                 yield FileResult(path, error=e)
                 continue
