@@ -430,3 +430,21 @@ def test_pdq_bank_files_hot_reload_and_a_malformed_one_keeps_the_old(md, tmp_pat
         assert watcher.check_once() == "rejected"
     assert engine.policy.pdq_banks[0].bank.ids == ("a", "b")
     assert any("hashes.csv: line 2" in r.getMessage() for r in caplog.records)
+
+
+def test_bank_cache_keeps_what_any_policy_lists(tmp_path):
+    from moderator.decide.banks import FileCache
+
+    reads = []
+    cache = FileCache(lambda p: reads.append(p) or object())
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_text(name)
+    a, b, c = (tmp_path / n for n in "abc")
+    cache.load(a), cache.load(b), cache.load(c)
+    cache.retain("live.yaml", [a, c])
+    cache.retain("shadow.yaml", [b])  # the shadow policy's compile must not evict the live policy's banks
+    cache.load(a), cache.load(b), cache.load(c)
+    assert reads == [a, b, c]
+    cache.retain("live.yaml", [a])  # c is listed by no policy now: dropped, read again if listed again
+    cache.load(c)
+    assert reads == [a, b, c, c]

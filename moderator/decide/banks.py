@@ -198,12 +198,15 @@ def write_bank(path: Path | str, manifest: BankManifest, items: list[BankItem], 
 
 class FileCache:
     """Loaded bank files by path as the policy names them, reused while the file is unchanged
-    (inode, size, mtime: a policy edit does not re-read a 2 GB bank). ``retain`` drops banks the
-    latest policy no longer lists, so replaced and removed banks are freed."""
+    (inode, size, mtime: a policy edit does not re-read a 2 GB bank). ``retain`` records which
+    banks each policy file (the live one, the shadow one) lists now and drops the banks no policy
+    lists, so replaced and removed banks are freed and one policy's reload never evicts the
+    other's."""
 
     def __init__(self, read) -> None:
         self._read = read
         self._loaded: dict[str, tuple[tuple[int, int, int] | None, object]] = {}
+        self._lists: dict[str, set[str]] = {}  # policy file -> the bank paths it lists
         self._lock = threading.Lock()
 
     def load(self, path: Path):
@@ -217,9 +220,10 @@ class FileCache:
             self._loaded[key] = (fp, bank)
         return bank
 
-    def retain(self, paths) -> None:
-        keep = {str(p) for p in paths}
+    def retain(self, policy: object, paths) -> None:
         with self._lock:
+            self._lists[str(policy)] = {str(p) for p in paths}
+            keep = set().union(*self._lists.values())
             for key in [k for k in self._loaded if k not in keep]:
                 del self._loaded[key]
 

@@ -58,6 +58,12 @@ class _CompiledBank:
     ref: BankRef
     bank: Bank
 
+    def sha_row(self, image_sha256: str | None) -> int | None:
+        """The row of the banked file with exactly these bytes, when the bank matches by sha256."""
+        if not self.ref.match_sha256 or not image_sha256:
+            return None
+        return self.bank.by_sha256.get(image_sha256)
+
 
 @dataclass(frozen=True)
 class _CompiledPdq:
@@ -110,13 +116,10 @@ class CompiledPolicy:
     def bank_embedding(self, image_sha256: str | None) -> np.ndarray | None:
         """The stored embedding of a banked file with these exact bytes (``match_sha256`` banks):
         the worker skips the encoder for it."""
-        if image_sha256 is None:
-            return None
         for cb in self.banks:
-            if cb.ref.match_sha256:
-                row = cb.bank.by_sha256.get(image_sha256)
-                if row is not None:
-                    return cb.bank.embeddings[row].copy()
+            row = cb.sha_row(image_sha256)
+            if row is not None:
+                return cb.bank.embeddings[row].copy()
         return None
 
     def bank_hits(self, image_embeddings: np.ndarray,
@@ -127,8 +130,7 @@ class CompiledPolicy:
         for cb in self.banks:
             rows, sims = cb.bank.best(image_embeddings)
             for i in range(n):
-                sha_row = (cb.bank.by_sha256.get(image_sha256[i]) if cb.ref.match_sha256 and image_sha256
-                           and image_sha256[i] else None)
+                sha_row = cb.sha_row(image_sha256[i] if image_sha256 else None)
                 if sha_row is not None:
                     sim = float(image_embeddings[i] @ cb.bank.embeddings[sha_row])
                     out[i].append(_embedding_hit(cb, sha_row, sim, True))
@@ -427,10 +429,10 @@ class PolicyCompiler:
         compiled = compile_policy(loaded, self.model_dir.model_sha256, self.model_dir.manifest.logit_scale,
                                   self.text_encoder, self.cache, embed_dim=self.model_dir.manifest.embed_dim,
                                   banks=self.banks, pdq_banks=self.pdq_banks)
-        # the cache keeps what this compile used; a replaced or dropped bank is freed with the policy
-        # that still references it
-        self.banks.retain(bank_path(loaded, ref) for ref in loaded.doc.banks)
-        self.pdq_banks.retain(bank_path(loaded, ref) for ref in loaded.doc.pdq_banks)
+        # the caches keep what each policy file lists now; a replaced or dropped bank is freed with
+        # the compiled policy that still references it
+        self.banks.retain(loaded.path, (bank_path(loaded, ref) for ref in loaded.doc.banks))
+        self.pdq_banks.retain(loaded.path, (bank_path(loaded, ref) for ref in loaded.doc.pdq_banks))
         return compiled
 
     def engine(self, loaded: LoadedPolicy, *, shadow: bool = False) -> DecisionEngine:

@@ -382,7 +382,6 @@ class Worker:
             held = self.tracker.assigned()
             if held:  # normally none (they were revoked); else commit what is done, redo the rest
                 self.committer.on_revoked(held)
-                self.committer.unassigned_since = time.monotonic()
             self._consumer.unsubscribe()
             subscribe(self._consumer, self.s.input_topic, self._hooks, wait_s=5.0)
         except Exception as e:  # the next poll retries; the limit spaces the tries out
