@@ -27,7 +27,7 @@ import pytest
 from moderator.devservices._process import free_ports
 from moderator.devservices.kafka import BrokerSecurity, LocalKafka
 from moderator.errors import ServiceAccessError
-from moderator.ingest.access import check_kafka_access
+from moderator.ingest.access import _mechanism_refusal, check_kafka_access
 from moderator.produce import ensure_topics
 
 DEMO_POLICY_PATH = Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
@@ -133,6 +133,14 @@ def test_each_refusal_is_named_within_a_bound(kafka):
             check_kafka_access(kafka.bootstrap_servers, wrong_mechanism, timeout_s=60)
         assert info.value.reason == "kafka_auth_failed" and time.monotonic() - started < FAIL_WITHIN_S
         assert "SCRAM-SHA-256" in str(info.value)
+        # kafka-python can lose the broker's answer to the wrong mechanism when the close comes in
+        # the same read (always, on a busy machine): the blocking probe asks once and does not
+        probe = _mechanism_refusal(kafka.bootstrap_servers, wrong_mechanism, 10)
+        assert probe is not None and probe.reason == "kafka_auth_failed", probe
+        assert "the broker enables SCRAM-SHA-512" in str(probe)
+        assert _mechanism_refusal(kafka.bootstrap_servers, kafka.client_security(), 10) is None
+        (port,) = free_ports(1)
+        assert _mechanism_refusal(f"127.0.0.1:{port}", wrong_mechanism, 10) is None  # no answer, no verdict
     else:
         e = _refused(kafka, client_cert=kafka.pki.stranger())
         assert e.reason == "kafka_tls_failed" and "client certificate" in str(e)

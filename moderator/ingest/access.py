@@ -14,6 +14,9 @@ import contextlib
 import logging
 import os
 import re
+import socket
+import ssl
+import struct
 import threading
 import time
 from collections.abc import Mapping
@@ -100,6 +103,56 @@ def explain(errors: list[BaseException], bootstrap: str, security: Mapping[str, 
     return None
 
 
+def _mechanism_refusal(bootstrap: str, security: Mapping[str, object], timeout_s: float) -> ServiceAccessError | None:
+    """Ask one bootstrap broker which SASL mechanisms it enables, on a blocking socket.
+
+    kafka-python (3.0.12) drops a response that arrives in the same read as the broker's close
+    of the connection, and a broker answers a SaslHandshake for a mechanism it does not enable
+    and closes at once: on a busy machine the client then sees only "socket disconnected" on
+    every try. A blocking read of the one response does not lose it. Returns the refusal, or
+    None when the mechanism is enabled or the question got no answer (the caller goes on).
+    """
+    from kafka.protocol.parser import KafkaProtocol  # noqa: PLC0415
+    from kafka.protocol.sasl import SaslHandshakeRequest  # noqa: PLC0415
+
+    mechanism = str(security.get("sasl_mechanism") or "PLAIN")
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    host = host.strip("[]")
+    parser = KafkaProtocol(client_id="moderator-access-check")
+    request = SaslHandshakeRequest(mechanism=mechanism, version=1)
+    parser.send_request(request)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as raw:
+            sock: socket.socket = raw
+            if security.get("security_protocol") == "SASL_SSL":
+                context = ssl.create_default_context(cafile=str(security["ssl_cafile"]) if security.get("ssl_cafile")
+                                                     else None)
+                context.check_hostname = bool(security.get("ssl_check_hostname", True))
+                if security.get("ssl_certfile"):
+                    context.load_cert_chain(str(security["ssl_certfile"]), str(security.get("ssl_keyfile") or "")
+                                            or None)
+                sock = context.wrap_socket(raw, server_hostname=host)
+            sock.sendall(parser.send_bytes())
+            data = b""
+            while len(data) < 4 or len(data) < 4 + struct.unpack(">i", data[:4])[0]:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+        responses = parser.receive_bytes(data)
+    except Exception as e:  # noqa: BLE001 - a probe: no answer means no verdict
+        log.debug("SASL mechanism probe of %s: %s", bootstrap, e)
+        return None
+    if not responses:
+        return None
+    enabled = list(getattr(responses[0][1], "mechanisms", None) or [])
+    if mechanism in enabled or not enabled:
+        return None
+    return ServiceAccessError(
+        f"Kafka at {bootstrap} does not accept the SASL mechanism {mechanism}: check "
+        f"MODERATOR_KAFKA_SASL_MECHANISM (the broker enables {', '.join(enabled)})", reason="kafka_auth_failed")
+
+
 def _tls_record(e: BaseException) -> bool:
     """kafka-python read a TLS record header (content type 21 or 22, version 3.x) as a frame size."""
     match = re.search(r"frame length: (\d+)", str(e))
@@ -142,6 +195,8 @@ def check_kafka_access(bootstrap_servers: str, security: Mapping[str, object], *
                     with contextlib.suppress(Exception):
                         admin.close()
             known = explain(last, bootstrap_servers, security)
+            if known is None and str(security.get("security_protocol", "")).startswith("SASL"):
+                known = _mechanism_refusal(bootstrap_servers, security, min(_ATTEMPT_S, timeout_s))
             if known is not None:
                 raise known
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
