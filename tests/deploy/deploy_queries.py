@@ -17,8 +17,10 @@ import promql_parser
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-DASHBOARD = ROOT / "deploy" / "grafana" / "moderator-dashboard.json"
-ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+# One file each, shared by the chart (PrometheusRule, dashboard ConfigMap), compose and these checks;
+# deploy/grafana/moderator-dashboard.json and deploy/prometheus/alerts.yaml are links to them.
+DASHBOARD = ROOT / "helm" / "moderator" / "files" / "moderator-dashboard.json"
+ALERTS = ROOT / "helm" / "moderator" / "files" / "alerts.yaml"
 
 # Labels Prometheus attaches at scrape time (or histogram_quantile needs), not the exporter.
 TARGET_LABELS = {"job", "instance"}

@@ -74,7 +74,8 @@ def test_prometheus_scrapes_the_worker_and_loads_the_alerts(project):
     assert worker["environment"]["MODERATOR_HTTP_PORT"] == port
     assert job["metrics_path"] == "/metrics"
     for rule_file in config["rule_files"]:
-        assert mounts[f"/etc/prometheus/{rule_file}"] == ROOT / "deploy" / "prometheus" / "alerts.yaml"
+        # deploy/prometheus/alerts.yaml links to the chart's rule file (one file for both)
+        assert mounts[f"/etc/prometheus/{rule_file}"].resolve() == ROOT / "helm" / "moderator" / "files" / "alerts.yaml"
 
 
 def test_grafana_gets_the_datasource_and_the_dashboard(project):
@@ -82,7 +83,7 @@ def test_grafana_gets_the_datasource_and_the_dashboard(project):
     mounts = {v["target"]: Path(v["source"]) for v in g["volumes"]}
     assert mounts["/etc/grafana/provisioning"] == ROOT / "deploy" / "grafana" / "provisioning"
     dash = mounts["/var/lib/grafana/dashboards/moderator-dashboard.json"]
-    assert dash == ROOT / "deploy" / "grafana" / "moderator-dashboard.json"
+    assert dash.resolve() == ROOT / "helm" / "moderator" / "files" / "moderator-dashboard.json"  # a link to the chart's
     assert g["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == \
         "/var/lib/grafana/dashboards/moderator-dashboard.json"
     ds = yaml.safe_load((mounts["/etc/grafana/provisioning"] / "datasources" / "prometheus.yaml").read_text())
