@@ -18,7 +18,7 @@ from deploy_support import CHART, ROOT, run
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSIONS = ("1.29.0", "1.37.0")  # Chart.yaml's kubeVersion floor and the newest schemas we have
 # CRDs whose schemas are not in the Kubernetes API; their fields are asserted below instead.
-CRD_KINDS = ("ServiceMonitor", "ScaledObject", "TriggerAuthentication")
+CRD_KINDS = ("ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication")
 CORE_KINDS_ALWAYS = {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"}
 
 
