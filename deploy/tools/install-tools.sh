@@ -4,6 +4,8 @@
 #   compose-check                -- deploy/tools/composecheck: compose-go, the loader behind `docker compose config`
 #   grafana-dashboard.schema.json -- Grafana's dashboard types (@grafana/schema, npm) turned into JSON Schema
 #   k8s-schemas/                 -- kubeconform-layout Kubernetes JSON schemas from the kubernetes-validate wheel (PyPI)
+#   crd-schemas/                 -- JSON schemas of the prometheus-operator and KEDA CRDs the chart renders, from the CRD
+#                                   YAMLs in their Go modules (`go mod download`, no build; deploy/tools/crd_schemas.py)
 # None of these downloads anything but packages from their registries, so the checks run offline.
 #
 # Usage: deploy/tools/install-tools.sh [TOOL...]      (default: all)
@@ -18,6 +20,8 @@ PROMETHEUS_VERSION=v0.316.0     # the Go module version of Prometheus 3.16.0 (pr
 GRAFANA_SCHEMA_VERSION=13.2.3    # npm @grafana/schema
 TS_JSON_SCHEMA_GENERATOR_VERSION=2.10.0
 K8S_SCHEMA_VERSIONS="1.29.0 1.37.0"   # oldest supported and newest Kubernetes the chart is validated for
+PROMETHEUS_OPERATOR_VERSION=v0.85.0   # Go module github.com/prometheus-operator/prometheus-operator (CRDs only)
+KEDA_VERSION=v2.21.0                  # Go module github.com/kedacore/keda/v2 (CRDs only)
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -99,9 +103,34 @@ k8s_schemas() {
   echo "k8s-schemas=$dir"
 }
 
+crd_schemas() {  # the CRD YAMLs from the modules' zips (a few MB each) -> kubeconform CRD layout
+  local dir="$cache/crd-schemas/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION-keda-$KEDA_VERSION"
+  local key
+  key="$(sha256sum "$here/crd_schemas.py" | cut -c1-12)"
+  if [ "$(cat "$dir/.source" 2>/dev/null)" != "$key" ]; then
+    command -v go >/dev/null 2>&1 || { log "go is needed to fetch the CRDs (go mod download)"; exit 1; }
+    local po keda tmp
+    po="$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+          | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
+    keda="$(go mod download -json "github.com/kedacore/keda/v2@$KEDA_VERSION" \
+          | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
+    tmp="$dir.tmp.$$"
+    rm -rf "$tmp"
+    "$PYTHON" "$here/crd_schemas.py" --out "$tmp" \
+      "$po/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" \
+      "$po/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml" \
+      "$keda/config/crd/bases/keda.sh_scaledobjects.yaml" \
+      "$keda/config/crd/bases/keda.sh_triggerauthentications.yaml" >&2
+    echo "$key" > "$tmp/.source"
+    rm -rf "$dir"
+    mv "$tmp" "$dir"
+  fi
+  echo "crd-schemas=$dir"
+}
+
 tools=("$@")
 if [ ${#tools[@]} -eq 0 ]; then
-  tools=(helm kubeconform promtool compose-check grafana-dashboard-schema k8s-schemas)
+  tools=(helm kubeconform promtool compose-check grafana-dashboard-schema k8s-schemas crd-schemas)
 fi
 for t in "${tools[@]}"; do
   case "$t" in
@@ -113,6 +142,7 @@ for t in "${tools[@]}"; do
     compose-check) compose_check ;;
     grafana-dashboard-schema) grafana_schema ;;
     k8s-schemas) k8s_schemas ;;
+    crd-schemas) crd_schemas ;;
     *) log "unknown tool: $t"; exit 2 ;;
   esac
 done

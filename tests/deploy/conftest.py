@@ -37,3 +37,8 @@ def grafana_dashboard_schema() -> Path:
 @pytest.fixture(scope="session")
 def k8s_schemas() -> Path:
     return deploy_tool("k8s-schemas")
+
+
+@pytest.fixture(scope="session")
+def crd_schemas() -> Path:
+    return deploy_tool("crd-schemas")

@@ -2,8 +2,8 @@
 
 ``deploy/tools/install-tools.sh`` builds helm, kubeconform and promtool with ``go install``,
 compose-check from ``deploy/tools/composecheck``, derives Grafana's dashboard JSON schema from
-npm's ``@grafana/schema`` and writes kubeconform-layout Kubernetes schemas from the
-``kubernetes-validate`` wheel. The first run on a fresh machine takes minutes (promtool and
+npm's ``@grafana/schema``, writes kubeconform-layout Kubernetes schemas from the
+``kubernetes-validate`` wheel and the prometheus-operator and KEDA CRDs' schemas from their Go modules. The first run on a fresh machine takes minutes (promtool and
 helm dominate); later runs find everything in ``$MODERATOR_CACHE_DIR/bin``. A tool that cannot
 be had fails the tests that need it -- never a skip.
 """

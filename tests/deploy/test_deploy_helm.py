@@ -1,6 +1,6 @@
 """The Helm chart, checked with the real tools: helm lint, helm template under every values file
 in helm/moderator/ci/, and kubeconform against the Kubernetes schemas of the oldest and the
-newest Kubernetes the chart supports; plus the contract between the chart and the worker
+newest Kubernetes the chart supports and against the prometheus-operator and KEDA CRDs' schemas; plus the contract between the chart and the worker
 (every MODERATOR_* variable is a setting the worker reads, with a value it accepts)."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from deploy_support import CHART, ROOT, run
 
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSIONS = ("1.29.0", "1.37.0")  # Chart.yaml's kubeVersion floor and the newest schemas we have
-# CRDs whose schemas are not in the Kubernetes API; their fields are asserted below instead.
+# Custom resources: validated against the schemas of their CRDs (deploy/tools/crd_schemas.py), and
+# the fields that matter are asserted below as well.
 CRD_KINDS = ("ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication")
 CORE_KINDS_ALWAYS = {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"}
 
@@ -47,12 +48,14 @@ def worker_container(dep: dict) -> dict:
     return c
 
 
-def kubeconform_cmd(kubeconform: Path, schemas: Path, kube: str) -> list:
+def kubeconform_cmd(kubeconform: Path, schemas: Path, crds: Path, kube: str) -> list:
+    """kubeconform -strict: Kubernetes kinds from `schemas`, custom resources from `crds`; no kind
+    is skipped and a kind with no schema is an error."""
     return [kubeconform, "-strict", "-output", "json", "-verbose", "-kubernetes-version", kube,
             "-schema-location",
             f"{schemas}/{{{{ .NormalizedKubernetesVersion }}}}-standalone{{{{ .StrictSuffix }}}}/"
             "{{ .ResourceKind }}{{ .KindSuffix }}.json",
-            "-skip", ",".join(CRD_KINDS)]
+            "-schema-location", f"{crds}/{{{{ .Group }}}}/{{{{ .ResourceKind }}}}_{{{{ .ResourceAPIVersion }}}}.json"]
 
 
 # --- the real tools ------------------------------------------------------------------------
@@ -66,31 +69,40 @@ def test_helm_lint(helm, values):
 
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", VALUES_FILES, ids=lambda p: p.stem)
-def test_rendered_manifests_match_kubernetes_schemas(helm, kubeconform, k8s_schemas, values, kube, tmp_path):
+def test_rendered_manifests_match_kubernetes_schemas(helm, kubeconform, k8s_schemas, crd_schemas, values, kube,
+                                                     tmp_path):
     rendered = tmp_path / "rendered.yaml"
-    rendered.write_text(render(helm, values, kube=kube).stdout)
-    r = run([*kubeconform_cmd(kubeconform, k8s_schemas, kube), rendered], check=False)
+    text = render(helm, values, kube=kube).stdout
+    rendered.write_text(text)
+    r = run([*kubeconform_cmd(kubeconform, k8s_schemas, crd_schemas, kube), rendered], check=False)
     report = json.loads(r.stdout)
-    bad = [res for res in report["resources"] if res["status"] not in ("statusValid", "statusSkipped")]
+    bad = [res for res in report["resources"] if res["status"] != "statusValid"]
     assert r.returncode == 0 and not bad, json.dumps(bad or report, indent=1)
-    valid = {res["kind"] for res in report["resources"] if res["status"] == "statusValid"}
-    skipped = {res["kind"] for res in report["resources"] if res["status"] == "statusSkipped"}
-    assert CORE_KINDS_ALWAYS <= valid, f"core kinds not validated: {CORE_KINDS_ALWAYS - valid}"
-    assert skipped <= set(CRD_KINDS), f"core kinds skipped: {skipped - set(CRD_KINDS)}"
+    valid = [res["kind"] for res in report["resources"]]
+    assert CORE_KINDS_ALWAYS <= set(valid), f"core kinds not validated: {CORE_KINDS_ALWAYS - set(valid)}"
+    assert sorted(valid) == sorted(m["kind"] for m in docs(text)), "every rendered manifest was validated"
 
 
-def test_kubeconform_catches_a_broken_manifest(helm, kubeconform, k8s_schemas, tmp_path):
-    """The schemas are live: a misspelt field and a wrong type are errors, not skips."""
-    manifests = docs(render(helm).stdout)
+def test_kubeconform_catches_a_broken_manifest(helm, kubeconform, k8s_schemas, crd_schemas, tmp_path):
+    """The schemas are live, the CRDs' too: a misspelt field and a wrong type are errors, not skips."""
+    manifests = docs(render(helm, CHART / "ci" / "keda-values.yaml", "--set", "prometheusRule.enabled=true").stdout)
     dep = by_kind(manifests, "Deployment")[0]
     worker_container(dep)["imagePullPolicyy"] = "Always"
     dep["spec"]["replicas"] = "two"
+    rule = by_kind(manifests, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0]
+    rule["recordd"] = rule.pop("record")
+    by_kind(manifests, "ServiceMonitor")[0]["spec"]["endpoints"][0]["interval"] = 15
+    by_kind(manifests, "ScaledObject")[0]["spec"]["maxReplicaCount"] = "many"
+    by_kind(manifests, "TriggerAuthentication")[0]["spec"]["secretTargetRef"][0]["paramater"] = "x"
     broken = tmp_path / "broken.yaml"
     broken.write_text(yaml.safe_dump_all(manifests))
-    r = run([*kubeconform_cmd(kubeconform, k8s_schemas, "1.37.0"), broken], check=False)
+    r = run([*kubeconform_cmd(kubeconform, k8s_schemas, crd_schemas, "1.37.0"), broken], check=False)
     assert r.returncode != 0
-    errors = " ".join(res.get("msg", "") for res in json.loads(r.stdout)["resources"])
-    assert "imagePullPolicyy" in errors and "replicas" in errors, errors
+    errors = {res["kind"]: res.get("msg", "") for res in json.loads(r.stdout)["resources"]
+              if res["status"] != "statusValid"}
+    assert "imagePullPolicyy" in errors["Deployment"] and "replicas" in errors["Deployment"], errors
+    assert "recordd" in errors["PrometheusRule"] and "interval" in errors["ServiceMonitor"], errors
+    assert "maxReplicaCount" in errors["ScaledObject"] and "paramater" in errors["TriggerAuthentication"], errors
 
 
 @pytest.mark.parametrize(("args", "message"), [
