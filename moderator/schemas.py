@@ -420,10 +420,14 @@ class InputEvent(_Strict):
 
 
 class CloudEvent(BaseModel):
-    """A CloudEvents 1.0 structured-mode envelope whose ``data`` is an ``InputEvent``.
+    """A CloudEvents 1.0 structured-mode envelope whose ``data`` is an ``InputEvent`` (documentation).
 
-    ``data.id`` defaults to the envelope's ``id`` and ``data.created_at`` to its
-    ``time``; extension attributes are allowed and ignored.
+    The worker reads CloudEvents with the official SDK (``moderator.ingest.events``), in both
+    modes of the Kafka protocol binding: structured (this shape, or ``data_base64`` holding the
+    image bytes with ``datacontenttype: image/*``) and binary (the attributes in ``ce_*``
+    headers; the value is the ``data``: an ``InputEvent`` as JSON, or the image bytes).
+    ``data.id`` defaults to the event's ``id`` and ``data.created_at`` to its ``time``;
+    extension attributes (lowercase alphanumeric names) are allowed and ignored.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)

@@ -4,7 +4,7 @@ record parser and the image decoder (+ the JPEG header probe of the device path)
 Each generated input must end as a parsed event / decoded image, or as a named
 ``InputError`` (the dead-letter reason), never as another exception. Profiles:
 
-- ``ci`` (default): derandomized, 10,000+ cases over the tests below, well under a minute;
+- ``ci`` (default): derandomized, 14,000 cases over the tests below, well under a minute;
 - ``nightly``: random seeds, 20x the cases (``HYPOTHESIS_PROFILE=nightly pytest tests/test_fuzz.py``).
 
 Inputs it found that once escaped as another exception are pinned with ``@example``.
@@ -45,7 +45,7 @@ def cases(n: int):
 
 # every dead-letter reason an input can earn here (moderator.errors)
 PARSE_REASONS = {"empty_event", "payload_too_large", "malformed_json", "invalid_event", "missing_id",
-                 "invalid_image_source", "invalid_base64", "unsupported_envelope"}
+                 "invalid_image_source", "invalid_base64", "unsupported_envelope", "invalid_cloudevent"}
 DECODE_REASONS = {"empty_image", "payload_too_large", "not_an_image", "unsupported_format",
                   "decompression_bomb", "truncated_image", "image_decode_failed"}
 SMALL_EVENTS = EventLimits(max_event_bytes=64 * 1024, max_image_bytes=16 * 1024)
@@ -100,10 +100,21 @@ cloudevent = st.fixed_dictionaries({}, optional={
     "data": st.one_of(event, json_value),
     "data_base64": maybe(b64),
 })
-header_names = st.sampled_from(["content-type", "Content-Type", "ce_id", "ce_specversion", "x-other", ""])
+header_names = st.sampled_from(["content-type", "Content-Type", "ce_id", "ce_specversion", "ce_source", "ce_type",
+                                "ce_time", "ce_subject", "ce_traceparent", "ce_Bad-Ext", "CE_TYPE", "x-other", ""])
 header_values = st.one_of(st.sampled_from([b"image/png", b"image/jpeg", b"application/cloudevents+json",
-                                           b"application/json", b"IMAGE/PNG", b""]), st.binary(max_size=20))
+                                           b"application/json", b"IMAGE/PNG", b"1.0", b"0.3", b"text/plain",
+                                           b"2026-11-27T10:00:00Z", b"2026-11-27T10:00:00", b""]),
+                          st.binary(max_size=20))
 headers = st.lists(st.tuples(header_names, header_values), max_size=4)
+# binary-mode CloudEvents (Kafka protocol binding): each required header present, absent or mangled
+ce_header = lambda name, good: st.one_of(st.just([(name, good)]), st.just([]),  # noqa: E731
+                                         st.lists(st.tuples(st.just(name), header_values), max_size=2))
+binary_headers = st.tuples(
+    ce_header("ce_specversion", b"1.0"), ce_header("ce_id", b"ce-1"), ce_header("ce_source", b"urn:x"),
+    ce_header("ce_type", b"com.example.t"), ce_header("ce_time", b"2026-11-27T10:00:00+01:00"),
+    ce_header("content-type", b"application/json"), headers,
+).map(lambda parts: [h for part in parts for h in part])
 keys = st.one_of(st.none(), st.binary(max_size=20), st.text(max_size=20).map(str.encode))
 
 
@@ -127,6 +138,19 @@ def test_json_and_cloudevents_records(obj, ascii_only, key, hdrs):
 @example(value=b"[1e999999]", key=None, hdrs=[])
 @example(value=b"9" * 5000, key=None, hdrs=[])
 def test_raw_bytes_records(value, key, hdrs):
+    _parse(value, key, hdrs)
+
+
+@cases(2500)
+@given(value=st.one_of(st.builds(lambda o, a: _dumps(o, a), st.one_of(event, cloudevent, json_value), st.booleans()),
+                       st.binary(max_size=300), st.just(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)),
+       key=keys, hdrs=binary_headers)
+@example(value=b'{"image": {"data": "AAAA"}}', key=None,
+         hdrs=[("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"s"), ("ce_type", b"t")])
+@example(value=b"\x89PNG", key=b"\xff", hdrs=[("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"s"),
+                                              ("ce_type", b"t"), ("content-type", b"image/png")])
+def test_binary_mode_cloudevent_records(value, key, hdrs):
+    """Binary mode: ce_* headers present, missing, duplicated or garbage, any value."""
     _parse(value, key, hdrs)
 
 
@@ -156,6 +180,15 @@ def test_size_caps_hold_whatever_the_envelope():
     assert _parse(img, b"k", [("content-type", b"image/png")]).reason == "payload_too_large"
     inline = _dumps({"id": "a", "image": {"data": base64.b64encode(img).decode()}}, True)
     assert _parse(inline, None, [], EventLimits(max_image_bytes=len(img) - 1)).reason == "payload_too_large"
+    ce = [("ce_specversion", b"1.0"), ("ce_id", b"c"), ("ce_source", b"s"), ("ce_type", b"t")]
+    assert _parse(img, None, [*ce, ("content-type", b"image/png")]).reason == "payload_too_large"
+    assert _parse(big, None, [*ce, ("content-type", b"image/png")]).reason == "payload_too_large"
+    body = _dumps({"image": {"data": base64.b64encode(img).decode()}}, True)
+    assert _parse(body, None, ce, EventLimits(max_image_bytes=len(img) - 1)).reason == "payload_too_large"
+    structured = _dumps({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "datacontenttype": "image/png",
+                         "data_base64": base64.b64encode(img).decode()}, True)
+    assert _parse(structured, None, []).reason == "payload_too_large"
+    assert _parse(structured, None, [], EventLimits(max_image_bytes=len(img) - 1)).reason == "payload_too_large"
 
 
 # --- the decoder ----------------------------------------------------------------------------------

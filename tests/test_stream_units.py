@@ -54,9 +54,76 @@ def test_cloudevents_envelope_supplies_id_and_time():
 def test_raw_image_record_takes_its_id_from_the_key():
     ev = parse_record(PNG_1PX, b"raw-1", [("Content-Type", b"image/png")])
     assert (ev.id, ev.envelope, ev.data, ev.content_type) == ("raw-1", "raw", PNG_1PX, "image/png")
-    binary_ce = parse_record(PNG_1PX, None, [("ce_id", b"ce-7"), ("ce_specversion", b"1.0"),
-                                             ("content-type", b"image/png")])
-    assert binary_ce.id == "ce-7"
+    # a ce_id header without ce_specversion is not a CloudEvent: a raw image named by the header
+    legacy = parse_record(PNG_1PX, None, [("ce_id", b"ce-7"), ("content-type", b"image/png")])
+    assert (legacy.id, legacy.envelope) == ("ce-7", "raw")
+
+
+CE_HEADERS = [("ce_specversion", b"1.0"), ("ce_id", b"ce-7"), ("ce_source", b"urn:uploads"),
+              ("ce_type", b"com.example.image.uploaded")]
+
+
+def test_binary_cloudevent_with_json_data_takes_the_cloudevent_id_and_time():
+    """Kafka protocol binding, binary mode: attributes in ce_* headers, the value is an input event
+    without its own id (it was dead-lettered as missing_id before the SDK read it)."""
+    body = {"image": {"data": base64.b64encode(PNG_1PX).decode()}, "metadata": {"user": 7}}
+    hdrs = [*CE_HEADERS, ("ce_time", b"2026-01-02T03:04:05Z"), ("ce_traceparent", b"00-ab"),
+            ("content-type", b"application/json")]
+    ev = parse_record(_json(body), b"the-key", hdrs)
+    assert (ev.id, ev.envelope, ev.data, ev.metadata) == ("ce-7", "cloudevents", PNG_1PX, {"user": 7})
+    assert ev.created_at == pytest.approx(1767323045.0)
+    url = parse_record(_json({"image": {"url": "https://images.example/a.png"}}), None, hdrs)
+    assert (url.id, url.url, url.data) == ("ce-7", "https://images.example/a.png", None)
+    # as in structured mode, the data's own id and created_at win; no ce_time: no latency clock
+    own = parse_record(_json({**body, "id": "inner", "created_at": "2026-01-02T03:04:06Z"}), None, hdrs)
+    assert (own.id, own.created_at) == ("inner", pytest.approx(1767323046.0))
+    assert parse_record(_json(body), None, [*CE_HEADERS, ("content-type", b"application/json")]).created_at is None
+    # no content-type: CloudEvents reads the data as JSON
+    assert parse_record(_json(body), None, CE_HEADERS).id == "ce-7"
+
+
+def test_binary_cloudevent_with_image_data_is_named_by_ce_id_not_the_key():
+    ev = parse_record(PNG_1PX, b"partition-key", [*CE_HEADERS, ("content-type", b"image/png")])
+    assert (ev.id, ev.envelope, ev.data, ev.content_type, ev.metadata) == (
+        "ce-7", "cloudevents", PNG_1PX, "image/png", None)
+
+
+def test_structured_cloudevent_with_data_base64():
+    ce = {"specversion": "1.0", "id": "ce-b64", "source": "urn:x", "type": "t", "time": "2026-01-02T03:04:05Z",
+          "datacontenttype": "image/png", "data_base64": base64.b64encode(PNG_1PX).decode()}
+    ev = parse_record(_json(ce), None, [("content-type", b"application/cloudevents+json")])
+    assert (ev.id, ev.envelope, ev.data, ev.content_type) == ("ce-b64", "cloudevents", PNG_1PX, "image/png")
+    assert ev.created_at == pytest.approx(1767323045.0)
+    inner = _json({"image": {"url": "https://images.example/b.png"}, "metadata": {"k": 1}})
+    as_json = {**ce, "datacontenttype": "application/json", "data_base64": base64.b64encode(inner).decode()}
+    ev = parse_record(_json(as_json), None, [])
+    assert (ev.id, ev.url, ev.metadata) == ("ce-b64", "https://images.example/b.png", {"k": 1})
+
+
+def test_events_written_by_the_sdk_parse_and_agree_with_its_reader():
+    """What the official SDK writes (both modes, JSON and image data) parses; structured mode agrees
+    with the SDK's own from_structured on every attribute."""
+    from datetime import datetime, timezone
+
+    from cloudevents.core.bindings import kafka
+    from cloudevents.core.formats.json import JSONFormat
+    from cloudevents.core.v1.event import CloudEvent
+
+    def make(data, ctype):
+        return CloudEvent({"id": "sdk-1", "source": "/uploads", "type": "com.example.image.uploaded",
+                           "time": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "datacontenttype": ctype,
+                           "subject": "photo.png", "uploader": "u9"}, data)
+
+    body = {"image": {"data": base64.b64encode(PNG_1PX).decode()}, "metadata": {"user": 7}}
+    for event in (make(body, "application/json"), make(PNG_1PX, "image/png")):
+        for write in (kafka.to_binary, kafka.to_structured):
+            msg = write(event, JSONFormat())
+            ev = parse_record(msg.value, msg.key, list(msg.headers.items()))
+            assert (ev.id, ev.envelope, ev.data) == ("sdk-1", "cloudevents", PNG_1PX), (write, event)
+            assert ev.created_at == pytest.approx(1767323045.0)
+        msg = kafka.to_structured(event, JSONFormat())
+        theirs = kafka.from_structured(msg, JSONFormat())
+        assert theirs.get_attributes()["uploader"] == "u9" and theirs.get_data() == event.get_data()
 
 
 @pytest.mark.parametrize("value, key, headers, reason, event_id", [
@@ -80,6 +147,46 @@ def test_raw_image_record_takes_its_id_from_the_key():
             "data": {}}), None, [], "unsupported_envelope", "c"),
     (_json({"specversion": "1.0", "source": "s", "type": "t", "data": {"image": {"data": "AAAA"}}}), None, [],
      "missing_id", None),
+    # structured CloudEvents
+    (_json({"specversion": "1.0", "id": "c", "type": "t", "data": {"image": {"data": "AAAA"}}}), None, [],
+     "invalid_cloudevent", "c"),
+    (_json({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "trace_id": "x",
+            "data": {"image": {"data": "AAAA"}}}), None, [], "invalid_cloudevent", "c"),
+    (_json({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "time": 1767323045,
+            "data": {"image": {"data": "AAAA"}}}), None, [], "invalid_cloudevent", "c"),
+    (_json({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "time": "yesterday",
+            "data": {"image": {"data": "AAAA"}}}), None, [], "invalid_cloudevent", "c"),
+    (_json({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "data": {}, "data_base64": "AAAA"}),
+     None, [], "invalid_cloudevent", "c"),
+    (_json({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "datacontenttype": "image/png",
+            "data_base64": "not base64!!"}), None, [], "invalid_base64", "c"),
+    (_json({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "datacontenttype": "image/png",
+            "data_base64": "A" * 3000}), None, [], "payload_too_large", "c"),
+    (_json({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "data_base64": "W10="}), None, [],
+     "invalid_event", "c"),
+    (_json({"specversion": "1.0", "id": "c", "source": "s", "type": "t", "data_base64": 5}), None, [],
+     "invalid_cloudevent", "c"),
+    (b"\x00avro", None, [("content-type", b"application/cloudevents+avro")], "unsupported_envelope", None),
+    (b"[]", b"k", [("content-type", b"application/cloudevents-batch+json")], "unsupported_envelope", "k"),
+    # binary CloudEvents
+    (_json({"image": {"data": "AAAA"}}), None, [("ce_specversion", b"1.0"), ("ce_source", b"s"), ("ce_type", b"t")],
+     "missing_id", None),
+    (_json({"image": {"data": "AAAA"}}), None, [("ce_specversion", b"1.0"), ("ce_id", b"\xff"), ("ce_source", b"s"),
+                                                ("ce_type", b"t")], "missing_id", None),
+    (_json({"image": {"data": "AAAA"}}), None, [("ce_specversion", b"0.3"), ("ce_id", b"b"), ("ce_source", b"s"),
+                                                ("ce_type", b"t")], "unsupported_envelope", "b"),
+    (_json({"image": {"data": "AAAA"}}), None, [("ce_specversion", b"1.0"), ("ce_id", b"b"), ("ce_type", b"t")],
+     "invalid_cloudevent", "b"),
+    (_json({"image": {"data": "AAAA"}}), None, [("ce_source", b"\xff\xfe"), *CE_HEADERS], "invalid_cloudevent",
+     "ce-7"),
+    (_json({"image": {"data": "AAAA"}}), None, [*CE_HEADERS, ("ce_time", b"soon")], "invalid_cloudevent", "ce-7"),
+    (_json({"image": {"data": "AAAA"}}), None, [*CE_HEADERS, ("ce_Trace-Id", b"x")], "invalid_cloudevent", "ce-7"),
+    (b'{"image": ', None, [*CE_HEADERS, ("content-type", b"application/json")], "malformed_json", "ce-7"),
+    (b"[1]", None, [*CE_HEADERS, ("content-type", b"application/json")], "invalid_event", "ce-7"),
+    (b"hello", None, [*CE_HEADERS, ("content-type", b"text/plain")], "unsupported_envelope", "ce-7"),
+    (_json({"image": {"data": "%%%"}}), None, [*CE_HEADERS], "invalid_base64", "ce-7"),
+    (b"\x89PNG" + bytes(3000), None, [*CE_HEADERS, ("content-type", b"image/png")], "payload_too_large", "ce-7"),
+    (_json({"image": {"data": "AAAA"}, "colour": "red"}), None, CE_HEADERS, "invalid_event", "ce-7"),
 ])
 def test_bad_events_fail_with_their_reason(value, key, headers, reason, event_id):
     with pytest.raises(InputError) as ei:
