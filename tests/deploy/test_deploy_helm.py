@@ -6,6 +6,7 @@ newest Kubernetes the chart supports and against the prometheus-operator and KED
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -278,6 +279,20 @@ def test_chart_starter_policy_is_the_repositorys(helm):
 # Kafka security settings the chart passes for SASL/TLS values; moderator/config.py does not
 # have them yet (see the README's Kubernetes section).
 
+def cpu_cores(quantity) -> float:
+    q = str(quantity)
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def resource_field(dep: dict, ref: dict) -> int:
+    """What the kubelet puts in a downward-API resourceFieldRef for CPU: the quantity divided by
+    the divisor, rounded up."""
+    (c,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == ref["containerName"]]
+    kind, _, resource = ref["resource"].partition(".")
+    assert resource == "cpu", ref
+    return math.ceil(cpu_cores(c["resources"][kind][resource]) / cpu_cores(ref.get("divisor", "1")))
+
+
 def rendered_settings_env(dep: dict) -> dict[str, str]:
     """The worker container's MODERATOR_* environment as the pod would see it (secrets faked)."""
     out: dict[str, str] = {}
@@ -287,6 +302,8 @@ def rendered_settings_env(dep: dict) -> dict[str, str]:
             value = re.sub(r"\$\((\w+)\)", lambda m: plain.get(m.group(1), m.group(0)), e["value"])
         elif "secretKeyRef" in e["valueFrom"]:
             value = "from-secret"
+        elif "resourceFieldRef" in e["valueFrom"]:
+            value = str(resource_field(dep, e["valueFrom"]["resourceFieldRef"]))
         else:
             value = "pod-name-0"
         plain[e["name"]] = value
@@ -299,7 +316,8 @@ def rendered_settings_env(dep: dict) -> dict[str, str]:
 def test_every_env_var_is_a_worker_setting_it_accepts(helm, values, monkeypatch):
     from moderator.config import WorkerSettings
 
-    env = rendered_settings_env(deployment(helm, values))
+    dep = deployment(helm, values)
+    env = rendered_settings_env(dep)
     fields = set(WorkerSettings.model_fields)
     unknown = {k.removeprefix("MODERATOR_").lower() for k in env} - fields
     for k in list(os.environ):
@@ -310,6 +328,8 @@ def test_every_env_var_is_a_worker_setting_it_accepts(helm, values, monkeypatch)
     settings = WorkerSettings()  # raises on any value the worker would refuse
     assert str(settings.policy).startswith("/etc/moderator/policy/")
     assert settings.http_port == 8080 and settings.client_id == "pod-name-0"
+    # ONNX Runtime's threads: the CPU request rounded up (downward API), unless set explicitly.
+    assert settings.ort_threads == math.ceil(cpu_cores(worker_container(dep)["resources"]["requests"]["cpu"]))
     if values.stem == "keda-values":
         assert settings.fetch_allow_networks == ["10.20.0.0/16"]
         assert settings.session_timeout_ms == 15000 and settings.max_event_bytes == 16 * 1024 * 1024
@@ -324,3 +344,153 @@ def test_every_env_var_is_a_worker_setting_it_accepts(helm, values, monkeypatch)
         assert kw["security_protocol"] == "SASL_SSL" and kw["sasl_plain_username"] == "from-secret"
         assert kw["sasl_plain_password"] == "from-secret" and kw["ssl_cafile"].startswith("/")
     assert not unknown, f"the chart sets MODERATOR_* variables the worker ignores: {sorted(unknown)}"
+
+
+# --- scheduling, resources, network, images, helm test ------------------------------------------
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_ort_threads_follow_the_cpu_request(helm):
+    env = {e["name"]: e for e in worker_container(deployment(helm))["env"]}
+    assert env["MODERATOR_ORT_THREADS"]["valueFrom"] == {
+        "resourceFieldRef": {"containerName": "worker", "resource": "requests.cpu", "divisor": "1"}}
+    dep = deployment(helm, None, "--set", "resources.requests.cpu=2500m")
+    assert rendered_settings_env(dep)["MODERATOR_ORT_THREADS"] == "3"
+    env = {e["name"]: e for e in worker_container(deployment(helm, None, "--set", "worker.ortThreads=6"))["env"]}
+    assert env["MODERATOR_ORT_THREADS"] == {"name": "MODERATOR_ORT_THREADS", "value": "6"}
+
+
+def test_ephemeral_storage_request(helm):
+    res = worker_container(deployment(helm))["resources"]
+    assert res["requests"]["ephemeral-storage"] == "1Gi" and "ephemeral-storage" not in res["limits"]
+    res = worker_container(deployment(helm, CHART / "ci" / "kube-prometheus-values.yaml"))["resources"]
+    assert res["requests"]["ephemeral-storage"] == "1500Mi" and res["limits"]["ephemeral-storage"] == "3Gi"
+    assert res["requests"]["cpu"] == "1" and res["limits"]["memory"] == "2Gi"
+    res = worker_container(deployment(helm, None, "--set", "resources.requests.ephemeral-storage=5Gi"))["resources"]
+    assert res["requests"]["ephemeral-storage"] == "5Gi", "resources wins"
+    res = worker_container(deployment(helm, None, "--set", "ephemeralStorage.request="))["resources"]
+    assert "ephemeral-storage" not in res["requests"]
+    assert render(helm, None, "--set", "ephemeralStorage.request=lots", check=False).returncode != 0
+
+
+def test_image_digests(helm):
+    dep = deployment(helm, None, "--set", f"image.digest={DIGEST}", "--set", "image.tag=ignored",
+                     "--set", f"model.image.digest={DIGEST}")
+    assert worker_container(dep)["image"] == f"ghcr.io/moderator/moderator@{DIGEST}"
+    assert dep["spec"]["template"]["spec"]["initContainers"][0]["image"] == f"ghcr.io/moderator/moderator-model@{DIGEST}"
+    r = render(helm, None, "--set", "image.digest=sha256:abc", check=False)
+    assert r.returncode != 0 and "digest" in r.stderr
+
+
+def test_pod_anti_affinity(helm):
+    dep = deployment(helm)
+    (term,) = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["weight"] == 100 and term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    hard = deployment(helm, None, "--set", "podAntiAffinity=hard")["spec"]["template"]["spec"]["affinity"]
+    (req,) = hard["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert req["topologyKey"] == "kubernetes.io/hostname" and list(hard["podAntiAffinity"]) == [
+        "requiredDuringSchedulingIgnoredDuringExecution"]
+    assert "affinity" not in deployment(helm, None, "--set", "podAntiAffinity=none")["spec"]["template"]["spec"]
+    own = deployment(helm, None, "--set", "affinity.nodeAffinity.x=y")["spec"]["template"]["spec"]["affinity"]
+    assert own == {"nodeAffinity": {"x": "y"}}, "affinity replaces the default"
+    assert render(helm, None, "--set", "podAntiAffinity=always", check=False).returncode != 0
+
+
+def egress_ports(np: dict) -> list[set[tuple[int, str]]]:
+    return [{(p["port"], p["protocol"]) for p in rule.get("ports", [])} for rule in np["spec"]["egress"]]
+
+
+def test_network_policy(helm):
+    assert not by_kind(docs(render(helm).stdout), "NetworkPolicy")
+    manifests = docs(render(helm, CHART / "ci" / "keda-values.yaml", "--set", "networkPolicy.enabled=true").stdout)
+    (np,) = by_kind(manifests, "NetworkPolicy")
+    dep = by_kind(manifests, "Deployment")[0]
+    assert np["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,) = np["spec"]["ingress"]
+    assert ingress == {"ports": [{"port": "http", "protocol": "TCP"}]}, "metrics port, from anywhere"
+    # DNS, Kafka's bootstrap port (kafka-0.kafka:9093,...), Redis (rediss://redis-master.cache:6379), fetching
+    assert egress_ports(np) == [{(53, "UDP"), (53, "TCP")}, {(9093, "TCP")}, {(6379, "TCP")},
+                                {(80, "TCP"), (443, "TCP")}]
+    fetch = np["spec"]["egress"][3]
+    assert fetch["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    assert all("to" not in rule for rule in np["spec"]["egress"][:3]), "no peers given: any destination"
+
+    manifests = docs(render(helm, CHART / "ci" / "kube-prometheus-values.yaml").stdout)
+    (np,) = by_kind(manifests, "NetworkPolicy")
+    egress = np["spec"]["egress"]
+    assert egress_ports(np) == [{(53, "UDP"), (53, "TCP")}, {(9092, "TCP"), (9094, "TCP")}, {(6380, "TCP")},
+                                {(443, "TCP")}, {(8443, "TCP")}]
+    assert egress[0]["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert egress[1]["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kafka"}
+    assert egress[2]["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "cache"}
+    assert egress[3]["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0",
+                                            "except": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]}}]
+    (ingress,) = np["spec"]["ingress"]
+    monitoring, test_pod = ingress["from"]
+    assert monitoring["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    (pod,) = [m for m in by_kind(manifests, "Pod")]
+    assert test_pod["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items(), \
+        "the helm test pod may still reach /readyz"
+    (np,) = by_kind(docs(render(helm, None, "--set", "networkPolicy.enabled=true").stdout), "NetworkPolicy")
+    assert egress_ports(np) == [{(53, "UDP"), (53, "TCP")}, {(9092, "TCP")}, {(80, "TCP"), (443, "TCP")}], "no Redis"
+    r = render(helm, None, "--set", "networkPolicy.enabled=true", "--set", "kafka.bootstrapServers=kafka", check=False)
+    assert r.returncode != 0 and "has no :port" in r.stderr
+
+
+def test_helm_test_pod_checks_readyz_on_the_service(helm):
+    manifests = docs(render(helm).stdout)
+    (pod,) = by_kind(manifests, "Pod")
+    (svc,) = by_kind(manifests, "Service")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (c,) = pod["spec"]["containers"]
+    script = " ".join(c["command"])
+    url = f"http://{svc['metadata']['name']}.moderation.svc:{svc['spec']['ports'][0]['port']}/readyz"
+    assert f"wget -q -T 5 -O - {url}" in script and f"curl -fsS -m 5 {url}" in script
+    assert c["image"] == "busybox:1.37"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True and pod["spec"]["automountServiceAccountToken"] is False
+    (pod,) = by_kind(docs(render(helm, CHART / "ci" / "kube-prometheus-values.yaml").stdout), "Pod")
+    assert pod["spec"]["containers"][0]["image"] == "curlimages/curl:8.17.0"
+    assert "+ 60 ))" in pod["spec"]["containers"][0]["command"][2]
+    assert not by_kind(docs(render(helm, None, "--set", "tests.enabled=false").stdout), "Pod")
+
+
+def test_helm_test_script_waits_for_a_ready_worker(helm, tmp_path):
+    """The test pod's script, run here against a local /readyz that is not ready for its first
+    answers: it exits 0 once one answers 200, and 1 when none does in time."""
+    import http.server
+    import subprocess
+    import threading
+
+    answers: list[int] = []
+
+    class Readyz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            code = 200 if self.path == "/readyz" and self.server.ready_after <= len(answers) else 503
+            answers.append(code)
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"ok" if code == 200 else b"not ready")
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Readyz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for ready_after, timeout, rc in ((2, 30, 0), (10**6, 3, 1)):
+            answers.clear()
+            server.ready_after = ready_after
+            (pod,) = by_kind(docs(render(helm, None, "--set", f"tests.timeoutSeconds={timeout}").stdout), "Pod")
+            script = pod["spec"]["containers"][0]["command"][2].replace(
+                "http://moderator.moderation.svc:8080/readyz", f"http://127.0.0.1:{server.server_port}/readyz")
+            r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+            assert r.returncode == rc, (r.stdout, r.stderr, answers)
+            assert answers[:2] == [503, 503] and (answers[-1] == 200) == (rc == 0)
+    finally:
+        server.shutdown()

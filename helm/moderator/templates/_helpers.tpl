@@ -36,10 +36,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* An image reference from {repository, tag, digest}: repository@digest when a digest is set. */}}
+{{- define "moderator.imageRef" -}}
+{{- if .digest -}}
+{{- printf "%s@%s" .repository .digest -}}
+{{- else -}}
+{{- printf "%s:%s" .repository .tag -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "moderator.image" -}}
 {{- $variant := ternary "gpu" "cpu" .Values.gpu.enabled -}}
 {{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion $variant) -}}
-{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- include "moderator.imageRef" (dict "repository" .Values.image.repository "tag" $tag "digest" .Values.image.digest) -}}
 {{- end -}}
 
 {{- define "moderator.policyConfigMap" -}}
