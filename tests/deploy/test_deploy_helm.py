@@ -271,7 +271,7 @@ def test_hpa_values(helm):
 
 
 def test_chart_starter_policy_is_the_repositorys(helm):
-    assert (CHART / "files" / "policy.yaml").read_text() == (ROOT / "deploy" / "policies" / "default.yaml").read_text()
+    assert (CHART / "files" / "policy.yaml").read_text() == (ROOT / "moderator" / "data" / "policies" / "default.yaml").read_text()
 
 
 # --- the chart and the worker agree --------------------------------------------------------------
@@ -494,3 +494,52 @@ def test_helm_test_script_waits_for_a_ready_worker(helm, tmp_path):
             assert answers[:2] == [503, 503] and (answers[-1] == 200) == (rc == 0)
     finally:
         server.shutdown()
+
+
+# --- the chart's README ---------------------------------------------------------------------------
+
+CHART_DOCS = ROOT / "deploy" / "tools" / "chart_docs.py"
+
+
+def test_chart_readme_is_generated_from_values(tmp_path):
+    """helm/moderator/README.md is what deploy/tools/chart_docs.py makes of values.yaml (helm-docs'
+    `# --` comments): --check passes here and fails on a chart whose values changed since."""
+    import shutil
+    import sys
+
+    run([sys.executable, CHART_DOCS, "--check"])
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert f"| `prometheusRule.runbookBaseUrl` | string | `\"\"` |" in readme
+    assert "| `networkPolicy.kafka.extraPorts` | list | `[]` | More broker ports" in readme
+    assert f"| `replicaCount` | int | `{values['replicaCount']}` | Replicas when no autoscaler is on." in readme
+
+    chart = tmp_path / "moderator"
+    shutil.copytree(CHART, chart)
+    text = (chart / "values.yaml").read_text()
+    (chart / "values.yaml").write_text(text.replace("replicaCount: 2", "replicaCount: 3"))
+    r = run([sys.executable, CHART_DOCS, "--chart", chart, "--check"], check=False)
+    assert r.returncode == 1 and "stale" in r.stderr
+    run([sys.executable, CHART_DOCS, "--chart", chart])
+    assert "| `replicaCount` | int | `3` |" in (chart / "README.md").read_text()
+    run([sys.executable, CHART_DOCS, "--chart", chart, "--check"])
+
+
+def test_new_values_are_documented():
+    """Every value of the kube-prometheus, network and test features has a `# --` description
+    (its own or its map's), so the chart README explains it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_docs", CHART_DOCS)
+    chart_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chart_docs)
+    text = (CHART / "values.yaml").read_text()
+    docs_ = chart_docs.descriptions(text)
+    rows = chart_docs.rows(yaml.safe_load(text), docs_)
+    sections = ("prometheusRule.", "grafanaDashboard.", "networkPolicy.", "tests.", "ephemeralStorage.",
+                "podAntiAffinity", "image.digest", "model.image.digest", "worker.ortThreads", "affinity")
+    new = [k for k, *_ in rows if k.startswith(sections)]
+    assert len(new) > 25
+    undocumented = [k for k in new if not any(p in docs_ for p in
+                                              (".".join(k.split(".")[:i]) for i in range(1, k.count(".") + 2)))]
+    assert not undocumented, undocumented
