@@ -42,7 +42,7 @@ RUN groupadd --system --gid 10001 moderator \
        --shell /usr/sbin/nologin moderator
 COPY --from=cpu-build /opt/moderator /opt/moderator
 COPY --from=model --chown=10001:10001 /model/ /srv/moderator/model/
-COPY deploy/policies/default.yaml /etc/moderator/policy.yaml
+COPY moderator/data/policies/default.yaml /etc/moderator/policy.yaml
 ENV PATH=/opt/moderator/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -86,7 +86,7 @@ RUN apt-get update \
        --shell /usr/sbin/nologin moderator
 COPY --from=gpu-build /opt/moderator /opt/moderator
 COPY --from=model --chown=10001:10001 /model/ /srv/moderator/model/
-COPY deploy/policies/default.yaml /etc/moderator/policy.yaml
+COPY moderator/data/policies/default.yaml /etc/moderator/policy.yaml
 ENV PATH=/opt/moderator/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

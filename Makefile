@@ -14,7 +14,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[train,dev,pdq]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,train,dev,pdq]'
 	touch $@
 
 # The demo model first (prints its held-out accuracy), then the streaming service itself:

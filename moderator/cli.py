@@ -81,7 +81,7 @@ def _cmd_demo_model(a: argparse.Namespace) -> int:
     if a.write_labels:
         from moderator.model.demo_labels import write_policy_labels
 
-        print(f"labels for deploy/policies/demo.yaml: {write_policy_labels(d.heldout_jsonl, a.write_labels)}")
+        print(f"labels for the demo policy: {write_policy_labels(d.heldout_jsonl, a.write_labels)}")
     if a.compare_templates:
         from moderator.model.demo import zero_shot_accuracy
         from moderator.model.synth import ZERO_SHOT_TEMPLATES
@@ -288,7 +288,9 @@ def _cmd_bench_draft(a: argparse.Namespace) -> int:
 def _cmd_bench_soak(a: argparse.Namespace) -> int:
     from moderator.worker.soak import soak
 
-    r = soak(_model_or_demo(a.model), a.policy, seconds=a.seconds, rate=a.rate, bootstrap_servers=a.bootstrap_servers,
+    from moderator.resources import DEMO_POLICY
+
+    r = soak(_model_or_demo(a.model), a.policy or DEMO_POLICY, seconds=a.seconds, rate=a.rate, bootstrap_servers=a.bootstrap_servers,
              redis_url=a.redis_url, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(r))
     print(f"RSS {r['rss_mb_at_start']} MiB at start, {r['rss_mb_middle_third_mean']} -> {r['rss_mb_last_third_mean']} "
@@ -426,8 +428,35 @@ def _cmd_docs(a: argparse.Namespace) -> int:
     return 0
 
 
+def version_line() -> str:
+    """``moderator X.Y.Z`` and the ONNX Runtime build installed beside it (from package
+    metadata: nothing heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from moderator import __version__
+
+    runtimes = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            runtimes.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"moderator {__version__} ({', '.join(runtimes) or 'no onnxruntime'}; python {python})"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moderator", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action=_VersionAction, help="print the version (and the ONNX Runtime build) and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -632,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "malformed events (local Kafka and Redis unless given); samples its RSS. "
                                     "Prints one JSON line with the series and the growth after warm-up.")
     bs.add_argument("--model", type=Path, help="model directory (default: the cached demo model)")
-    bs.add_argument("--policy", type=Path, default=Path("deploy/policies/demo.yaml"))
+    bs.add_argument("--policy", type=Path, help="policy (default: the packaged demo policy)")
     bs.add_argument("--seconds", type=float, default=300.0)
     bs.add_argument("--rate", type=float, default=50.0, help="events per second (default: %(default)s)")
     bs.add_argument("--bootstrap-servers", help="an existing Kafka (default: start one)")
@@ -643,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run the whole service locally with the demo model and policy and print "
                                     "a summary (make demo).")
     dm.add_argument("--model", type=Path, help="model directory (default: the cached demo model)")
-    dm.add_argument("--policy", type=Path, help="policy (default: deploy/policies/demo.yaml)")
+    dm.add_argument("--policy", type=Path, help="policy (default: the packaged demo policy, moderator/data/policies/demo.yaml)")
     dm.add_argument("--events", type=int, default=300)
     dm.add_argument("--rate", type=float, default=50.0,
                     help="events per second; 0: as fast as possible (default: %(default)s)")

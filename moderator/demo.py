@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_POLICY = Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
+from moderator.resources import DEMO_POLICY  # noqa: F401 - the demo's default, re-exported
 _SUMMARY_METRICS = ("moderator_decisions_total", "moderator_dead_letters_total",
                     "moderator_image_embedding_cache_total", "moderator_end_to_end_latency_seconds_count",
                     "moderator_batch_size_count", "moderator_offset_commits_total")

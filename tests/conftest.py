@@ -16,6 +16,7 @@ import pytest
 
 from moderator.devservices import LocalRedis, Services
 from moderator.devservices import services as devservices
+from moderator.resources import DEMO_POLICY
 
 # --- services (session) --------------------------------------------------------
 
@@ -165,7 +166,7 @@ def demo_model():
 import time as _time  # noqa: E402
 from pathlib import Path as _Path  # noqa: E402
 
-DEMO_POLICY_PATH = _Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
+DEMO_POLICY_PATH = DEMO_POLICY
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ from moderator.calibrate import (escalate_threshold, flag_threshold, pr_curve, r
 from moderator.cli import main
 from moderator.decide.policy import load_policy
 from moderator.errors import LabelsError
+from moderator.resources import DEMO_POLICY
 
-DEMO_POLICY = Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
+DEMO_POLICY = DEMO_POLICY
 
 
 def test_pr_curve_and_threshold_choice():

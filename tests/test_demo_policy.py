@@ -13,8 +13,9 @@ from PIL import Image
 from moderator import metrics
 from moderator.classify import Classifier
 from moderator.decide.evaluate import confusion, format_confusion
+from moderator.resources import DEMO_POLICY
 
-POLICY = Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
+POLICY = DEMO_POLICY
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from moderator.decide.policy import load_policy, parse_policy
 from moderator.errors import PolicyError
 
-POLICIES = Path(__file__).resolve().parents[1] / "deploy" / "policies"
+POLICIES = Path(__file__).resolve().parents[1] / "moderator" / "data" / "policies"
 
 GOOD = """
 version: "t1"

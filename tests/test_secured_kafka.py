@@ -29,8 +29,9 @@ from moderator.devservices.kafka import BrokerSecurity, LocalKafka
 from moderator.errors import ServiceAccessError
 from moderator.ingest.access import _mechanism_refusal, check_kafka_access
 from moderator.produce import ensure_topics
+from moderator.resources import DEMO_POLICY
 
-DEMO_POLICY_PATH = Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
+DEMO_POLICY_PATH = DEMO_POLICY
 # One refused attempt is about 5 s (kafka-python's bootstrap retries within it); the bound
 # leaves room for a busy 2-core machine, and is far below the 60 s timeouts the checks get.
 FAIL_WITHIN_S = 20.0

@@ -25,8 +25,9 @@ from PIL import Image
 
 from moderator import metrics
 from moderator.produce import OutgoingEvent, encode_image, produce
+from moderator.resources import DEMO_POLICY
 
-DEMO_POLICY_PATH = Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
+DEMO_POLICY_PATH = DEMO_POLICY
 THRESHOLD = 0.95  # bank cosine threshold in this test
 SHADOW_YELLOW_ESCALATE = 0.3  # the live demo policy escalates yellow shapes from 0.8
 

@@ -21,8 +21,9 @@ from moderator import metrics
 from moderator.decide.engine import audit_draw
 from moderator.decide.policy import load_policy
 from moderator.produce import produce, synthetic_events
+from moderator.resources import DEMO_POLICY
 
-DEMO_POLICY_PATH = Path(__file__).resolve().parents[1] / "deploy" / "policies" / "demo.yaml"
+DEMO_POLICY_PATH = DEMO_POLICY
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:

@@ -23,9 +23,10 @@ import pytest
 from moderator import metrics
 from moderator.devservices import LocalKafka
 from moderator.produce import ensure_topics, produce, synthetic_events
+from moderator.resources import DEMO_POLICY
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_POLICY = REPO / "deploy" / "policies" / "demo.yaml"
+
 
 
 def _free_port() -> int:

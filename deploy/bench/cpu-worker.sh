@@ -18,12 +18,12 @@ bw() {  # name, bench-worker flags...
   echo "== $name" >&2
   $PY -m moderator.cli bench-worker "$@" 2>>"$OUT_DIR/log.txt" | tee "$OUT_DIR/$name.json"
 }
-bw demo-kafka --model "$DEMO" --policy deploy/policies/demo.yaml --source kafka --events "$EVENTS" --latency \
+bw demo-kafka --model "$DEMO" --policy moderator/data/policies/demo.yaml --source kafka --events "$EVENTS" --latency \
   --profile "$OUT_DIR/demo-kafka.profile.txt"
-bw demo-memory --model "$DEMO" --policy deploy/policies/demo.yaml --source memory --events "$EVENTS" --latency
-bw demo-memory-jpeg --model "$DEMO" --policy deploy/policies/demo.yaml --source memory --events 1000 \
+bw demo-memory --model "$DEMO" --policy moderator/data/policies/demo.yaml --source memory --events "$EVENTS" --latency
+bw demo-memory-jpeg --model "$DEMO" --policy moderator/data/policies/demo.yaml --source memory --events 1000 \
   --image jpeg --size 1024x768
-bw demo-memory-jpeg-nodraft --model "$DEMO" --policy deploy/policies/demo.yaml --source memory --events 1000 \
+bw demo-memory-jpeg-nodraft --model "$DEMO" --policy moderator/data/policies/demo.yaml --source memory --events 1000 \
   --image jpeg --size 1024x768 --no-jpeg-draft
 echo "== draft" >&2
 $PY -m moderator.cli bench-draft --model "$DEMO" | tee "$OUT_DIR/draft.json"
@@ -34,8 +34,8 @@ if [ -z "${SKIP_VIT:-}" ]; then
   [ -f "$VIT8/manifest.json" ] || $PY -c "
 from moderator.model.quantize import quantize_model_dir
 quantize_model_dir('$VIT', '$VIT8', '$CAL/train', overwrite=True)"
-  bw vit-fp32-kafka --model "$VIT" --policy deploy/policies/default.yaml --events "$VIT_EVENTS" --size 256
-  bw vit-int8-kafka --model "$VIT8" --policy deploy/policies/default.yaml --events $((VIT_EVENTS * 2)) --size 256 \
+  bw vit-fp32-kafka --model "$VIT" --policy moderator/data/policies/default.yaml --events "$VIT_EVENTS" --size 256
+  bw vit-int8-kafka --model "$VIT8" --policy moderator/data/policies/default.yaml --events $((VIT_EVENTS * 2)) --size 256 \
     --seed-loop-model "$VIT"
 fi
 $PY - "$OUT_DIR" <<'PYEOF'

@@ -45,7 +45,7 @@ timeout 150 $PY -m moderator.cli export --model "$ARCH" --seed 0 --out "$MODEL_D
 bw() {  # name, flags...
   local name=$1; shift
   el "== worker $name"
-  timeout 100 $PY -m moderator.cli bench-worker --model "$MODEL_DIR" --policy "$REPO/deploy/policies/default.yaml" \
+  timeout 100 $PY -m moderator.cli bench-worker --model "$MODEL_DIR" --policy "$REPO/moderator/data/policies/default.yaml" \
     --source memory --backend torch --image jpeg --size 1024x768 --events "$EVENTS" --unique-images 64 \
     --max-batch 256 --max-wait-ms 20 --encoder-seconds "$ENC_S" "$@" > "$OUT/$name.json" 2> "$WORK/$name.err"
   el "rc=$?"; grep -iE "error|Traceback" "$WORK/$name.err" | tail -3

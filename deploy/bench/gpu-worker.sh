@@ -27,7 +27,7 @@ CPU_DECODE=${CPU_DECODE:-0}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 ANCHOR=${ANCHOR:-$REPO/../shared/bench/gpu_anchor.py}
-POLICY=${POLICY:-$REPO/deploy/policies/default.yaml}
+POLICY=${POLICY:-$REPO/moderator/data/policies/default.yaml}
 MODEL_DIR="$OUT_DIR/model-$MODEL_NAME"
 mkdir -p "$OUT_DIR"
 

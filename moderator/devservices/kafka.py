@@ -1,6 +1,6 @@
 """A real single-node Kafka 4.x broker (KRaft) run as a local JVM process.
 
-No Docker needed: the broker jars come from Maven Central once (``deploy/kafka/pom.xml``)
+No Docker needed: the broker jars come from Maven Central once (``moderator/data/kafka/pom.xml``)
 and are cached; each ``LocalKafka`` then formats a throwaway log dir and starts
 ``kafka.Kafka`` on free loopback ports. Start-up is a few seconds.
 """
@@ -46,11 +46,14 @@ _MAVEN_HINT = "It downloads the Kafka broker jars once (Debian/Ubuntu: apt-get i
 
 
 def deploy_dir() -> Path:
-    """``deploy/kafka`` of this checkout (pom + log4j2 config); ``$MODERATOR_KAFKA_DEPLOY_DIR`` overrides."""
+    """The broker's Maven pom and log4j2 config (package data: ``moderator/data/kafka``);
+    ``$MODERATOR_KAFKA_DEPLOY_DIR`` overrides."""
     configured = os.environ.get("MODERATOR_KAFKA_DEPLOY_DIR")
     if configured:
         return Path(configured).expanduser()
-    return Path(__file__).resolve().parents[2] / "deploy" / "kafka"
+    from moderator.resources import KAFKA_BROKER_DIR  # noqa: PLC0415
+
+    return KAFKA_BROKER_DIR
 
 
 def _kafka_cache() -> Path:

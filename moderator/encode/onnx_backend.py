@@ -8,8 +8,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
+
+from moderator.errors import MissingDependency
+
+try:
+    import onnxruntime as ort
+except ImportError as e:  # the base install leaves the ONNX Runtime build to the cpu / gpu extra
+    raise MissingDependency(
+        "ONNX Runtime is not installed: pip install 'moderator[cpu]' (or 'moderator[gpu]' for "
+        f"onnxruntime-gpu on CUDA) ({e})") from e
 
 from moderator.encode.model_dir import ModelDirectory
 from moderator.encode.preprocess import ImagePreprocessor

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def demo_policy_categories(label: str) -> list[str]:
-    """The categories of ``deploy/policies/demo.yaml`` a shape of class ``label`` belongs to
+    """The categories of ``moderator/data/policies/demo.yaml`` a shape of class ``label`` belongs to
     (its stand-ins: red shapes, red stars, yellow shapes): the labels ``moderator calibrate`` reads."""
     colour, shape = label.split(" ", 1)
     if colour == "red":

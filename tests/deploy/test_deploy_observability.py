@@ -23,6 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy_support import ROOT, run
+from moderator.resources import DEMO_POLICY
 from deploy_queries import ALERTS, DASHBOARD, TARGET_LABELS, dashboard_queries, exposed_names, rule_queries
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -254,7 +255,7 @@ def test_real_worker_exports_every_metric_the_dashboard_and_rules_query(
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
         [sys.executable, "-m", "moderator.cli", "run", "--model", str(demo_model.model_dir),
-         "--policy", str(ROOT / "deploy" / "policies" / "demo.yaml"), "--bootstrap-servers", kafka_bootstrap,
+         "--policy", str(DEMO_POLICY), "--bootstrap-servers", kafka_bootstrap,
          "--input-topic", input_topic, "--group", f"{input_topic}.group", "--redis-url", redis_url,
          "--http-port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
