@@ -2,9 +2,19 @@
 
 Sources: a directory of images, or synthetic demo images (coloured shapes drawn
 by ``moderator.model.synth``, whose class is known, so what the worker decides
-can be checked per event id). Events go out as plain JSON, CloudEvents
-envelopes or raw image records, at a given rate or as fast as possible, with
-``created_at`` stamped at send time. ``malformed_events()`` is a catalogue of
+can be checked per event id). Events go out, at a given rate or as fast as
+possible with ``created_at`` (or the CloudEvent ``time``) stamped at send time, in
+one of the envelopes the worker reads (``ENVELOPES``):
+
+- ``json``: an ``InputEvent``;
+- ``cloudevents``: CloudEvents structured mode, ``data`` the ``InputEvent``;
+- ``cloudevents-base64``: structured mode, ``data_base64`` the image bytes (``datacontenttype: image/*``);
+- ``cloudevents-binary``: binary mode (``ce_*`` headers), the value the ``InputEvent`` as JSON without
+  its id (the CloudEvent's ``id`` names it);
+- ``cloudevents-binary-image``: binary mode, the value the image bytes (``content-type: image/*``);
+- ``raw``: the image bytes, the event id as the record key.
+
+CloudEvents are written by the official SDK (``cloudevents.core.bindings.kafka``). ``malformed_events()`` is a catalogue of
 bad inputs, each with the dead-letter reason it must get.
 
 A tool, not part of the worker: it may import the offline model package
@@ -16,6 +26,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import mimetypes
 import struct
 import time
 import uuid
@@ -26,8 +37,15 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
+from cloudevents.core.bindings import kafka as ce_kafka
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
 
-Envelope = Literal["json", "cloudevents", "raw"]
+Envelope = Literal["json", "cloudevents", "cloudevents-base64", "cloudevents-binary", "cloudevents-binary-image",
+                   "raw"]
+ENVELOPES: tuple[str, ...] = Envelope.__args__  # type: ignore[attr-defined]
+CE_SOURCE = "urn:moderator:produce"
+CE_TYPE = "com.example.image.uploaded"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 _CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
                   "BMP": "image/bmp", "TIFF": "image/tiff"}
@@ -58,12 +76,30 @@ class OutgoingEvent:
         if self.envelope == "raw":
             ctype = self.content_type or "image/png"
             return key, self.image, [("content-type", ctype.encode()), *self.headers]
+        if self.envelope.startswith("cloudevents"):
+            return self._cloudevent(key, created)
         value = event_dict(self.id, image=self.image, url=self.url, content_type=self.content_type,
                            metadata=self.metadata, created_at=created)
-        if self.envelope == "cloudevents":
-            value.pop("created_at")
-            value = cloudevent_dict(self.id or str(uuid.uuid4()), value, time_iso=created)
         return key, json.dumps(value).encode(), list(self.headers)
+
+    def _cloudevent(self, key: bytes | None, created: str) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+        """The event through the CloudEvents SDK, in the envelope's mode."""
+        image_ctype = self.content_type or "image/png"
+        attrs = {"specversion": "1.0", "id": self.id or str(uuid.uuid4()), "source": CE_SOURCE, "type": CE_TYPE,
+                 "time": datetime.fromisoformat(created)}
+        if self.envelope in ("cloudevents-base64", "cloudevents-binary-image"):
+            if self.image is None:
+                raise ValueError(f"envelope {self.envelope} carries image bytes, not a URL")
+            event = CloudEvent({**attrs, "datacontenttype": image_ctype}, self.image)
+        else:  # the input event as JSON; binary mode leaves its id to the CloudEvent's
+            data = event_dict(self.id if self.envelope == "cloudevents" else None, image=self.image, url=self.url,
+                              content_type=self.content_type, metadata=self.metadata)
+            if data["id"] is None:
+                del data["id"]
+            event = CloudEvent({**attrs, "datacontenttype": "application/json"}, data)
+        write = ce_kafka.to_binary if self.envelope.startswith("cloudevents-binary") else ce_kafka.to_structured
+        msg = write(event, JSONFormat())
+        return key, msg.value, [*msg.headers.items(), *self.headers]
 
 
 def event_dict(event_id: str | None, *, image: bytes | None = None, url: str | None = None,
@@ -110,6 +146,7 @@ def synthetic_events(n: int, seed: int = 0, *, size: int = 96, fmt: str = "PNG",
     """
     from moderator.model import synth  # noqa: PLC0415 (pure Pillow + numpy)
 
+    _check_envelopes(envelopes)
     names = list(classes or synth.class_names())
     rng = np.random.default_rng([seed, 3_000_017])
     seen: list[tuple[bytes, str]] = []
@@ -129,11 +166,22 @@ def synthetic_events(n: int, seed: int = 0, *, size: int = 96, fmt: str = "PNG",
 def directory_events(path: Path | str, *, envelopes: Sequence[Envelope] = ("json",),
                      id_prefix: str = "file") -> Iterator[OutgoingEvent]:
     """One event per image file under ``path`` (recursive, sorted)."""
+    _check_envelopes(envelopes)
     files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     for i, p in enumerate(files):
+        envelope = envelopes[i % len(envelopes)]
+        # a CloudEvent of the image bytes names their type (the worker sniffs the format either way)
+        ctype = mimetypes.guess_type(p.name)[0] if envelope in ("cloudevents-base64", "cloudevents-binary-image") \
+            else None
         yield OutgoingEvent(id=f"{id_prefix}-{i:06d}-{p.stem}"[:200], expect=f"file:{p.name}",
-                            envelope=envelopes[i % len(envelopes)], image=p.read_bytes(),
+                            envelope=envelope, image=p.read_bytes(), content_type=ctype,
                             metadata={"path": str(p)})
+
+
+def _check_envelopes(envelopes: Sequence[str]) -> None:
+    unknown = [e for e in envelopes if e not in ENVELOPES]
+    if unknown or not envelopes:
+        raise ValueError(f"unknown envelope(s) {unknown}: choose from {', '.join(ENVELOPES)}")
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -195,6 +195,24 @@ def test_bad_events_fail_with_their_reason(value, key, headers, reason, event_id
     assert getattr(ei.value, "event_id", None) == event_id
 
 
+def test_every_envelope_moderator_produce_writes_parses_back_to_its_event():
+    from moderator.produce import ENVELOPES, OutgoingEvent, synthetic_events
+
+    events = list(synthetic_events(2 * len(ENVELOPES), seed=3, size=32, envelopes=ENVELOPES, id_prefix="env"))
+    assert {e.envelope for e in events} == set(ENVELOPES) >= {"cloudevents-binary", "cloudevents-binary-image"}
+    for e in events:
+        key, value, headers = e.record(now=1767323045.0)
+        ev = parse_record(value, key, headers)
+        assert (ev.id, ev.envelope) == (e.id, "raw" if e.envelope == "raw" else e.envelope.split("-")[0]), e.envelope
+        assert ev.data == e.image and ev.created_at == (None if e.envelope == "raw" else pytest.approx(1767323045.0))
+        names = {k for k, _ in headers}
+        assert ("ce_id" in names) == e.envelope.startswith("cloudevents-binary"), e.envelope
+    with pytest.raises(ValueError, match="unknown envelope"):
+        list(synthetic_events(1, envelopes=("cloudevents-avro",)))
+    with pytest.raises(ValueError, match="image bytes"):
+        OutgoingEvent(id="u", expect="x", envelope="cloudevents-binary-image", url="https://e/x.png").record()
+
+
 def test_input_event_schema_is_the_documented_one():
     schema = InputEvent.model_json_schema()
     assert set(schema["required"]) == {"id", "image"}
