@@ -195,6 +195,16 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     dead_letter_topic: str = Field(default="dead-letter", description="inputs that could not be decided")
     shadow_decisions_topic: str = Field(
         default="shadow-decisions", description="the shadow policy's decisions (never acted upon, best effort)")
+    decision_format: Literal["json", "cloudevents"] = Field(
+        default="json",
+        description="how every output record (decisions, flagged and review copies, dead letters, shadow "
+                    "decisions) is written: json (the record's JSON as the value) or cloudevents (CloudEvents 1.0, "
+                    "Kafka protocol binding; types moderator.decision.v1, moderator.decision.shadow.v1, "
+                    "moderator.deadletter.v1; source /moderator/<consumer_group>; the data is the same JSON)")
+    decision_cloudevents_mode: Literal["binary", "structured"] = Field(
+        default="binary",
+        description="with decision_format=cloudevents: binary (attributes in ce_* headers, the value is the JSON "
+                    "record) or structured (the value is an application/cloudevents+json envelope)")
     auto_offset_reset: str = Field(
         default="earliest", pattern="^(earliest|latest)$",
         description="where a group without committed offsets starts")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 MANIFEST_FORMAT = 1
 
@@ -377,6 +377,18 @@ class Decision(BaseModel):
     decided_at: str
     bank_matches: list[BankMatch] = Field(default_factory=list)
     shadow: bool = Field(default=False, description="decided by the shadow policy: never acted upon")
+
+    # not serialised: the input record decided (topic/partition/offset), set by the worker; a replay of
+    # that record after a crash or a rebalance gets the same CloudEvents id (moderator.publish)
+    _input_record: str | None = PrivateAttr(default=None)
+
+    def bind_input(self, topic: str, partition: int, offset: int) -> "Decision":
+        self._input_record = f"{topic}/{partition}/{offset}"
+        return self
+
+    @property
+    def input_record(self) -> str | None:
+        return self._input_record
 
 
 # --- streaming wire formats (the worker's input and dead letters) ---------------

@@ -11,6 +11,22 @@ acknowledged -- the worker commits that input's offset only then.
 ``ShadowPublisher`` sends a shadow policy's decisions to ``shadow-decisions`` on its own
 producer and thread: nothing waits for them, and no trouble on that topic (missing,
 refused, full) can block, abort or fail the live producer.
+
+``OutputFormat`` (``MODERATOR_DECISION_FORMAT``): ``json`` writes each record's JSON as the
+value (the default, unchanged); ``cloudevents`` writes every output record -- decisions, their
+``flagged``/``review`` copies, dead letters and shadow decisions -- as a CloudEvents 1.0 event
+in the Kafka protocol binding, with the official SDK, ``binary`` (the attributes in ``ce_*``
+headers, the value the same JSON bytes) or ``structured`` (an ``application/cloudevents+json``
+envelope whose ``data`` is the record). The ``moderator-*`` headers stay in both.
+Attributes: ``type`` ``moderator.decision.v1`` / ``moderator.decision.shadow.v1`` /
+``moderator.deadletter.v1``; ``source`` ``/moderator/<consumer group>``; ``subject`` the
+input's event id; ``time`` when it was decided (failed); ``datacontenttype``
+``application/json``; ``id`` a name-based UUID (v5) of type, source, the input record
+(topic/partition/offset) and event id, so a replay of the input after a crash or a rebalance
+repeats the id and a reader can drop the duplicate (one event copied to ``flagged`` or
+``review`` keeps its id). Extensions: ``policyversion``, ``policysha256``, ``modelsha256``,
+``modelarch``, ``action`` (decisions); ``reason``, ``policyversion``, ``modelsha256``
+(dead letters).
 """
 
 from __future__ import annotations
@@ -21,10 +37,14 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Literal
 
+from cloudevents.core.bindings import kafka as ce_kafka
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
 from kafka import KafkaProducer
 
 from moderator import metrics
@@ -40,6 +60,69 @@ H_ACTION = "moderator-action"
 H_REASON = "moderator-reason"
 H_CACHED = "moderator-cached"
 H_SHADOW = "moderator-shadow"
+
+
+CE_DECISION = "moderator.decision.v1"
+CE_SHADOW_DECISION = "moderator.decision.shadow.v1"
+CE_DEAD_LETTER = "moderator.deadletter.v1"
+# namespace of the name-based (v5) CloudEvents ids; fixed forever: changing it changes every id
+CE_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:moderator:cloudevents")
+_CE_FORMAT = JSONFormat()
+
+DecisionFormat = Literal["json", "cloudevents"]
+CloudEventsMode = Literal["binary", "structured"]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How every output record is written (see the module docstring)."""
+
+    format: DecisionFormat = "json"
+    mode: CloudEventsMode = "binary"
+    source: str = "/moderator"
+
+    @classmethod
+    def from_settings(cls, s) -> "OutputFormat":
+        """From ``WorkerSettings``: ``decision_format``, ``decision_cloudevents_mode``, ``consumer_group``."""
+        return cls(s.decision_format, s.decision_cloudevents_mode, f"/moderator/{s.consumer_group}")
+
+    @property
+    def cloudevents(self) -> bool:
+        return self.format == "cloudevents"
+
+    def event_id(self, ce_type: str, input_record: str, event_id: str | None) -> str:
+        return str(uuid.uuid5(CE_ID_NAMESPACE, f"{ce_type}\n{self.source}\n{input_record}\n{event_id or ''}"))
+
+    def decision(self, d: Decision, ce_type: str, value: bytes,
+                 headers: list[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, bytes]]]:
+        # a decision the worker did not bind to its input (another caller): named by what decided it
+        record = d.input_record or f"decision:{d.policy_sha256}:{d.model_sha256}:{d.image_sha256}"
+        return self._encode(ce_type, self.event_id(ce_type, record, d.event_id), d.event_id, d.decided_at,
+                            {"policyversion": d.policy_version, "policysha256": d.policy_sha256,
+                             "modelsha256": d.model_sha256, "modelarch": d.model_architecture, "action": d.action},
+                            d, value, headers)
+
+    def dead_letter(self, dead: DeadLetter, value: bytes,
+                    headers: list[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, bytes]]]:
+        src = dead.source
+        return self._encode(CE_DEAD_LETTER, self.event_id(CE_DEAD_LETTER, f"{src.topic}/{src.partition}/{src.offset}",
+                                                          dead.event_id),
+                            dead.event_id, dead.failed_at,
+                            {"reason": dead.reason, "policyversion": dead.policy_version,
+                             "modelsha256": dead.model_sha256}, dead, value, headers)
+
+    def _encode(self, ce_type: str, ce_id: str, subject: str | None, time_iso: str, extensions: dict,
+                record, value: bytes, headers: list[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, bytes]]]:
+        attrs = {"specversion": "1.0", "id": ce_id, "source": self.source, "type": ce_type,
+                 "time": datetime.fromisoformat(time_iso), "datacontenttype": "application/json",
+                 **{k: v for k, v in extensions.items() if v}}
+        if subject:
+            attrs["subject"] = subject
+        if self.mode == "binary":  # the value stays the record's JSON bytes
+            msg = ce_kafka.to_binary(SdkCloudEvent(attrs, value), _CE_FORMAT)
+        else:
+            msg = ce_kafka.to_structured(SdkCloudEvent(attrs, record.model_dump(mode="json")), _CE_FORMAT)
+        return msg.value, [*(h for h in headers if h[0] != "content-type"), *msg.headers.items()]
 
 
 @dataclass(frozen=True)
@@ -124,8 +207,10 @@ class DecisionPublisher:
     def __init__(self, bootstrap_servers: str, topics: Topics = Topics(), *, client_id: str = "moderator",
                  linger_ms: int = 5, delivery_timeout_ms: int = 120_000, max_request_size: int = 4 * 1048576,
                  security: dict | None = None, producer: KafkaProducer | None = None,
-                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000,
+                 output: OutputFormat = OutputFormat()) -> None:
         self.topics = topics
+        self.output = output
         txn: dict = {}
         if transactional_id:  # exactly-once: a record may not outlive the transaction it belongs to
             txn = {"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms}
@@ -159,6 +244,8 @@ class DecisionPublisher:
         headers = self._headers(decision.model_sha256, decision.model_architecture, decision.policy_version,
                                 decision.policy_sha256,
                                 {H_ACTION: decision.action, H_CACHED: "true" if decision.cached else "false"})
+        if self.output.cloudevents:
+            value, headers = self.output.decision(decision, CE_DECISION, value, headers)
         topics = [self.topics.decisions]
         if decision.action == "flag":
             topics.append(self.topics.flagged)
@@ -170,8 +257,10 @@ class DecisionPublisher:
                             on_failed: Callable[[Exception], None]) -> None:
         headers = self._headers(dead.model_sha256 or "", None, dead.policy_version or "", "",
                                 {H_REASON: dead.reason})
-        self._send_all([self.topics.dead_letter], key, dead.model_dump_json().encode(), headers,
-                       on_acked, on_failed)
+        value = dead.model_dump_json().encode()
+        if self.output.cloudevents:
+            value, headers = self.output.dead_letter(dead, value, headers)
+        self._send_all([self.topics.dead_letter], key, value, headers, on_acked, on_failed)
 
     def _send_all(self, topics: list[str], key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
                   on_acked: Callable[[], None], on_failed: Callable[[Exception], None]) -> None:
@@ -204,8 +293,9 @@ class ShadowPublisher:
 
     def __init__(self, bootstrap_servers: str, topic: str, *, client_id: str = "moderator", linger_ms: int = 5,
                  security: dict | None = None, max_queue: int = 10_000, max_block_ms: int = 2_000,
-                 producer: KafkaProducer | None = None) -> None:
+                 producer: KafkaProducer | None = None, output: OutputFormat = OutputFormat()) -> None:
         self.topic = topic
+        self.output = output
         self.producer = producer or KafkaProducer(
             bootstrap_servers=bootstrap_servers, client_id=f"{client_id}-shadow", acks="all",
             enable_idempotence=False, linger_ms=linger_ms, max_block_ms=max_block_ms,
@@ -252,8 +342,10 @@ class ShadowPublisher:
                 headers = DecisionPublisher._headers(
                     d.model_sha256, d.model_architecture, d.policy_version, d.policy_sha256,
                     {H_ACTION: d.action, H_SHADOW: "true"})
-                fut = self.producer.send(self.topic, value=d.model_dump_json().encode(), key=d.event_id.encode(),
-                                         headers=headers)
+                value = d.model_dump_json().encode()
+                if self.output.cloudevents:
+                    value, headers = self.output.decision(d, CE_SHADOW_DECISION, value, headers)
+                fut = self.producer.send(self.topic, value=value, key=d.event_id.encode(), headers=headers)
                 fut.add_callback(lambda _md: metrics.RECORDS_PUBLISHED.labels(topic=self.topic).inc())
                 fut.add_errback(self._failed)
             except Exception as e:  # metadata timeout, record too large, producer closed
@@ -281,4 +373,5 @@ class ShadowPublisher:
             log.warning("shadow producer close: %s", e)
 
 
-__all__ = ["DecisionPublisher", "ShadowPublisher", "SourceRecord", "Topics", "build_dead_letter"]
+__all__ = ["CE_DEAD_LETTER", "CE_DECISION", "CE_SHADOW_DECISION", "DecisionPublisher", "OutputFormat",
+           "ShadowPublisher", "SourceRecord", "Topics", "build_dead_letter"]

@@ -330,6 +330,7 @@ class Pipeline:
             hits = 0
             for p, d in zip(good, decisions):
                 d.cached = p.cached
+                d.bind_input(p.item.source.topic, p.item.source.partition, p.item.source.offset)  # CloudEvents id
                 hits += p.cached
                 self.publisher.publish_decision(d, self._acked_cb(p), self._failed_cb)
                 p.published = True
@@ -360,8 +361,9 @@ class Pipeline:
             metrics.SHADOW_ERRORS.labels(stage="decide").inc()
             log.exception("shadow policy failed to decide a batch (live decisions unaffected)")
             return
-        for d_live, d in zip(live, shadow):
+        for p, d_live, d in zip(good, live, shadow):
             d.cached = d_live.cached
+            d.bind_input(p.item.source.topic, p.item.source.partition, p.item.source.offset)
             record_disagreements(d_live, d)
             if self.shadow_publisher is not None:
                 self.shadow_publisher.submit(d)  # never blocks: its own queue, thread and producer
