@@ -74,16 +74,9 @@ def sources_from_jsonl(jsonl: Path, label: str | None = None, source: str | None
 
 
 def _progress(total: int, desc: str, enabled: bool | None):
-    """A tqdm bar on a terminal (``enabled=None``: only when stderr is a TTY), else a no-op."""
-    try:
-        from tqdm import tqdm  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - tqdm is a base dependency
-        class _Null:
-            def update(self, n=1): ...
-            def close(self): ...
-        return _Null()
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, desc=desc, unit="img", disable=disable, file=sys.stderr)
+    from moderator.progress import progress_bar  # noqa: PLC0415
+
+    return progress_bar(total, desc, "img", enabled)
 
 
 class BankBuilder:

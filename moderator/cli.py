@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from moderator.errors import ModeratorError
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from moderator.errors import ModelError
-    from moderator.model.export import export_model, load_model
+    from moderator.model.export import EXPORT_STEPS, export_model, load_model
+    from moderator.progress import progress_bar
 
     def load():
         return load_model(a.model, pretrained=a.pretrained, checkpoint=a.checkpoint, config=a.config, seed=a.seed)
@@ -25,7 +27,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if a.quantize is None:
         if a.calibration_dir is not None:
             raise ModelError("--calibration-dir is only used with --quantize int8")
-        md = export_model(load(), a.out, precision=a.precision, overwrite=a.overwrite)
+        with progress_bar(len(EXPORT_STEPS), "export", "step") as bar:
+            def step(name: str) -> None:
+                bar.set_description_str(f"export: {name}")
+                bar.update(1)
+
+            md = export_model(load(), a.out, precision=a.precision, overwrite=a.overwrite, progress=step)
     else:
         from moderator.model.quantize import export_quantized
 
@@ -39,15 +46,25 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 def _cmd_synth(a: argparse.Namespace) -> int:
     from moderator.model.synth import write_dataset
+    from moderator.progress import progress_bar
 
+    splits: dict[str, dict] = {}
     for split, n in (("train", a.train), ("heldout", a.heldout)):
         if n:
-            jsonl = write_dataset(a.out, n, a.seed, split, a.size)
-            print(jsonl)
+            with progress_bar(n, f"synth {split}") as bar:
+                jsonl = write_dataset(a.out, n, a.seed, split, a.size, progress=bar.update)
+            splits[split] = {"images": n, "jsonl": str(jsonl)}
             if a.policy_labels:
                 from moderator.model.demo_labels import write_policy_labels
 
-                print(write_policy_labels(jsonl, a.out / f"{split}.policy-labels.jsonl"))
+                splits[split]["policy_labels"] = str(write_policy_labels(jsonl, a.out / f"{split}.policy-labels.jsonl"))
+    if a.json:
+        print(json.dumps({"out": str(a.out), "seed": a.seed, "size": a.size, "splits": splits}))
+    else:
+        for entry in splits.values():
+            print(entry["jsonl"])
+            if "policy_labels" in entry:
+                print(entry["policy_labels"])
     return 0
 
 
@@ -60,6 +77,10 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
         lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
         freeze_towers=a.freeze_towers, seed=a.seed, threads=a.threads,
     ))
+    if a.json:
+        print(json.dumps({"steps": r.steps, "seconds": round(r.seconds, 3), "final_loss": r.final_loss,
+                          "logit_scale": r.logit_scale, "checkpoint": str(r.out)}))
+        return 0
     print(f"trained {r.steps} steps in {r.seconds:.1f}s, final loss {r.final_loss:.4f}, "
           f"logit scale {r.logit_scale:.2f}; checkpoint: {r.out}")
     print(f"export it with: moderator export --checkpoint {r.out} --out MODEL_DIR")
@@ -71,6 +92,21 @@ def _cmd_demo_model(a: argparse.Namespace) -> int:
 
     d = ensure_demo_model(a.seed, force=a.force)
     r = d.report
+    if a.json:
+        out = {"model_dir": str(d.model_dir), "heldout_jsonl": str(d.heldout_jsonl), **r}
+        if a.write_labels:
+            from moderator.model.demo_labels import write_policy_labels
+
+            out["policy_labels"] = str(write_policy_labels(d.heldout_jsonl, a.write_labels))
+        if a.compare_templates:
+            from moderator.model.demo import zero_shot_accuracy
+            from moderator.model.synth import ZERO_SHOT_TEMPLATES
+
+            out["template_comparison"] = {
+                **{t: zero_shot_accuracy(d.model_dir, d.heldout_jsonl, (t,)) for t in ZERO_SHOT_TEMPLATES},
+                "ensemble": zero_shot_accuracy(d.model_dir, d.heldout_jsonl)}
+        print(json.dumps(out, default=str))
+        return 0
     print(f"demo model: {d.model_dir}")
     print(f"trained on {r['train_images']} synthetic images in {r['train_seconds']}s "
           f"({r['train']['steps']} steps, batch {r['train']['batch_size']}); "
@@ -150,26 +186,27 @@ def _cmd_evaluate_policy(a: argparse.Namespace) -> int:
     from moderator.classify import Classifier
     from moderator.decide.evaluate import confusion, format_confusion
 
+    from moderator.decide.evaluate import read_labelled
+    from moderator.progress import progress_bar
+
     clf = Classifier(a.model, a.policy, redis_url=a.redis_url, redis_options=_redis_options(a.redis_url))
-    matrix = confusion(clf, a.data)
-    print(f"policy {clf.engine.policy.version} on {a.data}: rows are labels, columns actions")
-    print(format_confusion(matrix))
-    return 0
-
-
-def _worker_settings(a: argparse.Namespace):
-    from moderator.config import WorkerSettings
-
-    given = {"model_dir": a.model, "policy": a.policy, "kafka_bootstrap_servers": a.bootstrap_servers,
-             "input_topic": a.input_topic, "consumer_group": a.group, "redis_url": a.redis_url,
-             "http_port": a.http_port, "max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms}
-    return WorkerSettings(**{k: v for k, v in given.items() if v is not None})
+    with progress_bar(len(read_labelled(a.data)), "evaluate") as bar:
+        matrix = confusion(clf, a.data, progress=bar.update)
+    if a.json:
+        print(json.dumps({"policy_version": clf.engine.policy.version, "data": str(a.data),
+                          "confusion": {label: dict(c) for label, c in sorted(matrix.items())}}))
+    else:
+        print(f"policy {clf.engine.policy.version} on {a.data}: rows are labels, columns actions")
+        print(format_confusion(matrix))
+    errors = sum(c.get("error", 0) for c in matrix.values())
+    return 1 if errors else 0
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
+    from moderator.settings_cli import settings_from
     from moderator.worker import run_worker
 
-    return run_worker(_worker_settings(a))  # main() reports invalid settings
+    return run_worker(settings_from(a.settings_source, a))  # main() reports invalid settings
 
 
 def _cmd_produce(a: argparse.Namespace) -> int:
@@ -193,7 +230,16 @@ def _cmd_produce(a: argparse.Namespace) -> int:
     stream = prod.interleave(good, bad, a.malformed_every)
     if a.create_topic:
         prod.ensure_topics(bootstrap, {a.topic: a.create_topic}, security)
-    report = prod.produce(bootstrap, a.topic, stream, rate=a.rate, security=security)
+    from moderator.progress import progress_bar
+
+    total = (a.synthetic + len(bad)) if a.synthetic else None
+    with progress_bar(total, f"produce {a.topic}", "event") as bar:
+        def counted(events):
+            for ev in events:
+                yield ev
+                bar.update(1)
+
+        report = prod.produce(bootstrap, a.topic, counted(stream), rate=a.rate, security=security)
     if a.manifest:
         with open(a.manifest, "w") as f:
             for event_id, expect in report.expected.items():
@@ -308,7 +354,14 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         demo_model = ensure_demo_model(progress=True)
         model = demo_model.model_dir
     s = run_demo(model_dir=model, policy=a.policy or DEMO_POLICY, events=a.events, rate=a.rate or None,
-                 partitions=a.partitions, hold=a.hold, seed=a.seed)
+                 partitions=a.partitions, hold=a.hold, seed=a.seed,
+                 out=(lambda m: print(m, file=sys.stderr)) if a.json else print)
+    if a.json:
+        import dataclasses
+
+        print(json.dumps({**dataclasses.asdict(s), **({"heldout_accuracy": demo_model.report["accuracy"]}
+                                                     if demo_model is not None else {})}, default=str))
+        return 0 if s.accounted == s.produced and s.worker_exit == 0 else 1
     if demo_model is not None:  # the demo's headline stays the last line
         print(f"held-out zero-shot accuracy: {demo_model.report['accuracy']:.2f}")
     return 0 if s.accounted == s.produced and s.worker_exit == 0 else 1
@@ -458,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moderator", description=__doc__.splitlines()[0])
     p.add_argument("--version", action=_VersionAction, help="print the version (and the ONNX Runtime build) and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="logs on stderr: text, or JSON lines with ECS field names (default: $MODERATOR_LOG_FORMAT, "
+                        "else text; `run` follows MODERATOR_LOG_JSON, on by default)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     e = sub.add_parser("export", help="export an open_clip model to an ONNX model directory",
@@ -492,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heldout", type=int, default=1000, help="held-out images (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=96, help="image side in pixels (default: %(default)s)")
+    s.add_argument("--json", action="store_true", help="print one JSON object (splits, paths, counts)")
     s.add_argument("--policy-labels", action="store_true",
                    help="also write <split>.policy-labels.jsonl: the demo policy's categories per image "
                         "(input of moderator calibrate)")
@@ -516,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train only the projections and temperature (stable domain adaptation)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, help="torch CPU threads")
+    f.add_argument("--json", action="store_true", help="print the result as one JSON object")
     f.set_defaults(func=_cmd_finetune)
 
     d = sub.add_parser("demo-model", help="train (or reuse) the synthetic demo model and report accuracy",
@@ -524,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="retrain even when cached")
     d.add_argument("--write-labels", type=Path, metavar="FILE",
                    help="write the held-out set's labels for the demo policy (input of moderator calibrate)")
+    d.add_argument("--json", action="store_true", help="print the report as one JSON object")
     d.add_argument("--compare-templates", action="store_true",
                    help="held-out zero-shot accuracy with each template alone and with the ensemble")
     d.set_defaults(func=_cmd_demo_model)
@@ -547,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", type=Path, required=True)
     ev.add_argument("--policy", type=Path, required=True)
     ev.add_argument("--redis-url")
+    ev.add_argument("--json", action="store_true", help="print the confusion matrix as one JSON object")
     ev.set_defaults(func=_cmd_evaluate_policy)
 
     b = sub.add_parser("bench-encoder", help="images/s of the image encoder at several batch sizes",
@@ -562,18 +622,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the streaming worker: Kafka in, decisions out",
                        description="Consume input events, decide with the policy, publish decisions "
-                                   "(at-least-once). Every setting is a MODERATOR_* environment variable "
-                                   "(see moderator.config.WorkerSettings); these flags override a few.")
-    r.add_argument("--model", type=Path, help="model directory (MODERATOR_MODEL_DIR)")
-    r.add_argument("--policy", type=Path, help="policy YAML (MODERATOR_POLICY)")
-    r.add_argument("--bootstrap-servers", help="Kafka (MODERATOR_KAFKA_BOOTSTRAP_SERVERS)")
-    r.add_argument("--input-topic", help="MODERATOR_INPUT_TOPIC")
-    r.add_argument("--group", help="consumer group (MODERATOR_CONSUMER_GROUP)")
-    r.add_argument("--redis-url", help="image-embedding cache + prompt embeddings (MODERATOR_REDIS_URL)")
-    r.add_argument("--http-port", type=int, help="/metrics /healthz /readyz port (MODERATOR_HTTP_PORT)")
-    r.add_argument("--max-batch", type=int, help="MODERATOR_MAX_BATCH")
-    r.add_argument("--max-wait-ms", type=int, help="MODERATOR_MAX_WAIT_MS")
-    r.set_defaults(func=_cmd_run)
+                                   "(at-least-once, or exactly-once). Every setting is a flag and a MODERATOR_* "
+                                   "environment variable (generated from moderator.config.WorkerSettings); a flag "
+                                   "beats the variable. Keep secrets (passwords) in the environment: flags show "
+                                   "in the process list.")
+    from moderator.settings_cli import add_settings_flags
+
+    r.set_defaults(func=_cmd_run, settings_source=add_settings_flags(r))
 
     pr = sub.add_parser("produce", help="send input events (image directory or synthetic shapes) to a topic",
                         description="Produce input events for demos, tests and benchmarks. Prints one JSON "
@@ -679,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--partitions", type=int, default=3)
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--hold", action="store_true", help="keep everything running until Ctrl-C")
+    dm.add_argument("--json", action="store_true", help="print the summary as one JSON object (last line)")
     dm.set_defaults(func=_cmd_demo)
 
     cal = sub.add_parser("calibrate", help="per-category thresholds from labelled images (PR curves, report)",
@@ -757,21 +813,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit statuses (``moderator.errors``): 0 ok, 1 some inputs failed, 2 usage or configuration
+    error (argparse's own too), 3 runtime error (a service unreachable, a fatal worker error, a
+    bug), 130 interrupted."""
     from pydantic import ValidationError
 
+    from moderator.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, exit_status
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    if (args.log_format or os.environ.get("MODERATOR_LOG_FORMAT", "text")) == "json":
+        from moderator.logs import configure_logging, service_fields
+
+        configure_logging(logging.getLevelName(level), True, service_fields())
+    else:
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ModeratorError as e:
         print(f"moderator {args.command}: error [{e.reason}]: {e}", file=sys.stderr)
-        return 2
+        return exit_status(e)
     except ValidationError as e:  # settings from MODERATOR_* (values are never echoed: they may be secrets)
         print(f"moderator {args.command}: invalid settings:\n{e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001 - a bug: the traceback, then a status distinct from usage errors
+        import traceback
+
+        traceback.print_exc()
+        print(f"moderator {args.command}: unexpected error (exit {EXIT_RUNTIME}); the traceback above "
+              "belongs in a bug report", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

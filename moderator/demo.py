@@ -120,7 +120,7 @@ def run_demo(*, model_dir: Path | str, policy: Path | str = DEMO_POLICY, events:
                "MODERATOR_CLIENT_ID": f"{run}-worker-1"}
         log_path = workdir / "worker.log"
         log_file = stack.enter_context(open(log_path, "wb"))
-        cmd = [sys.executable, "-m", "moderator.cli", "run", "--model", str(model_dir), "--policy", str(policy)]
+        cmd = [sys.executable, "-m", "moderator.cli", "run", "--model-dir", str(model_dir), "--policy", str(policy)]
         out(f"starting the worker: {' '.join(cmd[2:])} (JSON logs: {log_path})")
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         stack.callback(lambda: proc.poll() is None and proc.kill())

@@ -47,16 +47,18 @@ def _constraints(field) -> str:
 
 
 def config_reference() -> str:
-    """Markdown table: every ``moderator run`` setting, its environment variable, default, meaning."""
+    """Markdown table: every ``moderator run`` setting, its environment variable and flag, default, meaning."""
     from moderator.config import WorkerSettings
+    from moderator.settings_cli import flag_of
 
     prefix = WorkerSettings.model_config.get("env_prefix", "")
-    rows = ["| environment variable | default | meaning |", "| --- | --- | --- |"]
+    rows = ["| environment variable | `moderator run` flag | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in WorkerSettings.model_fields.items():
         desc = (field.description or "").strip()
         if not desc:
             raise ValueError(f"WorkerSettings.{name} has no description")
-        rows.append(f"| `{prefix}{name.upper()}` | {_cell(_default(field))} | {_cell(desc + _constraints(field))} |")
+        rows.append(f"| `{prefix}{name.upper()}` | `{flag_of(name)}` | {_cell(_default(field))} "
+                    f"| {_cell(desc + _constraints(field))} |")
     return "\n".join(rows) + "\n"
 
 

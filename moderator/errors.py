@@ -8,6 +8,23 @@ classify`` prints it next to the file name.
 from __future__ import annotations
 
 
+# Exit statuses of every ``moderator`` command (README: "Exit codes").
+EXIT_OK = 0
+EXIT_INPUTS_FAILED = 1  # the command ran, and some of its inputs (images, lines, events) failed
+EXIT_USAGE = 2  # bad flags, settings, policy, model, labels, credentials: fix the invocation
+EXIT_RUNTIME = 3  # a service stayed unreachable, the worker stopped on a fatal error, or a bug
+EXIT_INTERRUPTED = 130
+# reasons of errors that a retry (later, elsewhere) may fix, unlike the invocation's own mistakes
+RUNTIME_REASONS = frozenset({"kafka_unreachable", "service_unreachable", "internal_error"})
+
+
+def exit_status(err: BaseException) -> int:
+    """The exit status for an error that ended a command."""
+    if isinstance(err, ModeratorError) and err.reason not in RUNTIME_REASONS:
+        return EXIT_USAGE
+    return EXIT_RUNTIME
+
+
 class ModeratorError(Exception):
     """Base class of every error raised on purpose by moderator."""
 

@@ -213,7 +213,7 @@ def test_a_worker_with_wrong_credentials_exits_2_with_one_clear_line(wrong, kafk
     assert last.startswith(f"moderator run: error [{reason}]: "), last
     fatal = [json.loads(line) for line in out.splitlines() + err.splitlines()
              if line.startswith("{") and '"fatal"' in line]
-    assert fatal and fatal[-1]["reason"] == reason  # the JSON log says it too
+    assert fatal and fatal[-1]["event"]["reason"] == reason  # the JSON (ECS) log says it too
     # start-up (imports, model load, warm-up) plus one refused attempt: well below the 120 s timeout
     assert elapsed < 60, f"took {elapsed:.1f}s"
 

@@ -84,7 +84,7 @@ class WorkerProcess:
         env = {**os.environ, **env, "MODERATOR_HTTP_PORT": str(self.port), "MODERATOR_CLIENT_ID": name}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moderator.cli", "run", "--model", str(model_dir), "--policy", str(DEMO_POLICY)],
+            [sys.executable, "-m", "moderator.cli", "run", "--model-dir", str(model_dir), "--policy", str(DEMO_POLICY)],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
 
     def wait_ready(self, timeout: float = 90) -> None:

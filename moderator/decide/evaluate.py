@@ -23,12 +23,15 @@ def read_labelled(jsonl: Path) -> list[tuple[Path, str]]:
     return rows
 
 
-def confusion(classifier, jsonl: Path) -> dict[str, Counter]:
-    """label -> Counter(action). Audit-sampled escalations are counted as ``audit``."""
+def confusion(classifier, jsonl: Path, progress=None) -> dict[str, Counter]:
+    """label -> Counter(action). Audit-sampled escalations are counted as ``audit``;
+    ``progress(1)`` after each image."""
     rows = read_labelled(jsonl)
     label_of = {p: label for p, label in rows}
     out: dict[str, Counter] = defaultdict(Counter)
     for r in classifier.classify_files([p for p, _ in rows]):
+        if progress is not None:
+            progress(1)
         label = label_of[r.path]
         if r.error is not None:
             out[label]["error"] += 1

@@ -234,14 +234,20 @@ def _onnx_export(module, example, input_name: str, dest: Path) -> None:
     program.save(str(dest), external_data=False)
 
 
+EXPORT_STEPS = ("image encoder", "text encoder", "onnx check", "weights + manifest")
+
+
 def export_model(
     loaded: LoadedModel,
     out_dir: Path,
     *,
     precision: Literal["fp32", "fp16"] = "fp32",
     overwrite: bool = False,
+    progress=None,
 ) -> ModelDirectory:
-    """Write the model directory atomically (temp dir, then rename)."""
+    """Write the model directory atomically (temp dir, then rename); ``progress(step)`` at
+    each of its EXPORT_STEPS."""
+    step = progress or (lambda _name: None)
     import numpy as np  # noqa: PLC0415
     import onnx  # noqa: PLC0415
     import open_clip  # noqa: PLC0415
@@ -273,10 +279,14 @@ def export_model(
         pixels = torch.randn(2, 3, *size, dtype=dtype)
         tokens = torch.zeros(2, context_length, dtype=torch.long)
         tokens[:, 0], tokens[:, 1] = tok_spec.sot_token_id, tok_spec.eot_token_id
+        step(EXPORT_STEPS[0])
         _onnx_export(_tower(model, "encode_image"), pixels, "pixel_values", tmp / IMAGE_ONNX)
+        step(EXPORT_STEPS[1])
         _onnx_export(_tower(model, "encode_text"), tokens, "input_ids", tmp / TEXT_ONNX)
+        step(EXPORT_STEPS[2])
         for f in (IMAGE_ONNX, TEXT_ONNX):
             onnx.checker.check_model(str(tmp / f))
+        step(EXPORT_STEPS[3])
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
 
         logit_bias = getattr(model, "logit_bias", None)

@@ -154,8 +154,10 @@ def iter_samples(n: int, seed: int, split: str = "train", size: int = 96) -> Ite
 JPEG_SHARE = 0.4  # the rest are PNG: uploads arrive both ways, with JPEG artifacts
 
 
-def write_dataset(out_dir: Path, n: int, seed: int, split: str = "train", size: int = 96) -> Path:
-    """Write images and ``<split>.jsonl`` (path relative to the JSONL, caption, labels).
+def write_dataset(out_dir: Path, n: int, seed: int, split: str = "train", size: int = 96,
+                  progress=None) -> Path:
+    """Write images and ``<split>.jsonl`` (path relative to the JSONL, caption, labels);
+    ``progress(1)`` after each image.
 
     A share of the images is stored as JPEG at a random quality (40-95) so models
     learn to see through compression artifacts, as they must in production.
@@ -178,6 +180,8 @@ def write_dataset(out_dir: Path, n: int, seed: int, split: str = "train", size: 
                 "path": rel, "caption": s.caption, "label": s.label, "colour": s.colour,
                 "shape": s.shape, "size": s.size_word, "background": s.background,
             }) + "\n")
+            if progress is not None:
+                progress(1)
     tmp.replace(jsonl)
     return jsonl
 

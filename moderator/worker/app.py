@@ -46,7 +46,7 @@ from moderator.decode import DecodeLimits
 from moderator.encode import ModelDirectory, TextEncoder
 from moderator.encode.factory import TorchOptions, open_image_encoder
 from moderator.encode.onnx_backend import OrtOptions
-from moderator.errors import ModelError, ModeratorError
+from moderator.errors import EXIT_OK, EXIT_RUNTIME, ModelError, ModeratorError
 from moderator.fetch import AddressPolicy, FetchLimits, UrlFetcher
 from moderator.ingest import EventLimits, RebalanceHooks, make_consumer, subscribe
 from moderator.ingest.access import check_kafka_access
@@ -274,7 +274,7 @@ class Worker:
                 self._drain()
         log.info("stopped", extra={"event": "stopped", **{
             k: v for k, v in self.stats.snapshot().items() if not k.endswith("_at") and k != "stage_seconds"}})
-        return 1 if self._fatal is not None else 0
+        return EXIT_RUNTIME if self._fatal is not None else EXIT_OK
 
     def _start(self, closing: contextlib.ExitStack) -> None:
         """Everything that serves, each with its teardown registered (undone in reverse order)."""
@@ -458,9 +458,9 @@ def run_worker(settings: WorkerSettings) -> int:
     import os  # noqa: PLC0415
     import signal  # noqa: PLC0415
 
-    from moderator.worker.logs import configure_logging  # noqa: PLC0415
+    from moderator.logs import configure_logging, service_fields  # noqa: PLC0415
 
-    configure_logging(settings.log_level, settings.log_json, {"worker": settings.client_id})
+    configure_logging(settings.log_level, settings.log_json, service_fields(settings.client_id))
     try:
         worker = Worker(settings)
     except ModeratorError as e:  # model, policy, Redis credentials: the CLI prints it and exits 2

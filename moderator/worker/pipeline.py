@@ -241,7 +241,7 @@ class Pipeline:
         except Exception as e:  # never let one input take the worker down
             item = p.item
             log.exception("unexpected error preparing %s/%s@%s", item.tp.topic, item.tp.partition,
-                          item.source.offset)
+                          item.source.offset, extra={"event": "prepare_failed", "event_id": p.event_id})
             p.error, p.done = ModeratorError(f"unexpected {type(e).__name__}: {e}", reason="internal_error"), True
 
     def _fetch(self, url: str, p: Prepared) -> bytes:
@@ -383,7 +383,8 @@ class Pipeline:
                 except ModeratorError as e:
                     p.error = e
                 except Exception as e:  # one odd image must not fail its whole batch
-                    log.exception("unexpected error decoding %s on the CPU fallback", p.event_id)
+                    log.exception("unexpected error decoding %s on the CPU fallback", p.event_id,
+                                  extra={"event": "decode_failed", "event_id": p.event_id})
                     p.error = ModeratorError(f"unexpected {type(e).__name__}: {e}", reason="internal_error")
             else:
                 ok.append(p)

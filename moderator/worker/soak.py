@@ -102,8 +102,8 @@ def soak(model_dir: Path | str, policy: Path | str, *, seconds: float = 300.0, r
         log_path = (workdir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"{run}.worker.log"
         log_file = stack.enter_context(open(log_path, "wb"))
         worker = subprocess.Popen(
-            [sys.executable, "-m", "moderator.cli", "run", "--model", str(model_dir), "--policy", str(policy),
-             "--bootstrap-servers", bootstrap_servers, "--input-topic", topics["images"], "--group", f"{run}.group",
+            [sys.executable, "-m", "moderator.cli", "run", "--model-dir", str(model_dir), "--policy", str(policy),
+             "--kafka-bootstrap-servers", bootstrap_servers, "--input-topic", topics["images"], "--consumer-group", f"{run}.group",
              "--redis-url", redis_url, "--http-port", str(port)],
             stdout=log_file, stderr=subprocess.STDOUT, env=env)
         stack.callback(lambda: worker.poll() is None and worker.kill())

@@ -254,9 +254,9 @@ def test_real_worker_exports_every_metric_the_dashboard_and_rules_query(
                MODERATOR_POLICY_RELOAD_INTERVAL_S="1")
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "moderator.cli", "run", "--model", str(demo_model.model_dir),
-         "--policy", str(DEMO_POLICY), "--bootstrap-servers", kafka_bootstrap,
-         "--input-topic", input_topic, "--group", f"{input_topic}.group", "--redis-url", redis_url,
+        [sys.executable, "-m", "moderator.cli", "run", "--model-dir", str(demo_model.model_dir),
+         "--policy", str(DEMO_POLICY), "--kafka-bootstrap-servers", kafka_bootstrap,
+         "--input-topic", input_topic, "--consumer-group", f"{input_topic}.group", "--redis-url", redis_url,
          "--http-port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
@@ -278,7 +278,7 @@ def test_real_worker_exports_every_metric_the_dashboard_and_rules_query(
             time.sleep(0.5)
         assert _get(f"{base}/healthz")[0] == 200
 
-        produced = run([sys.executable, "-m", "moderator.cli", "produce", "--bootstrap-servers", kafka_bootstrap,
+        produced = run([sys.executable, "-m", "moderator.cli", "produce", "--kafka-bootstrap-servers", kafka_bootstrap,
                         "--topic", input_topic, "--synthetic", "48", "--malformed", "4", "--malformed-every", "10",
                         "--duplicates", "0.25", "--size", "64", "--seed", "5"], timeout=180)
         sent = json.loads(produced.stdout.strip().splitlines()[-1])["sent"]
