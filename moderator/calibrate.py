@@ -195,7 +195,10 @@ def score_images(clf: Classifier, items: list[Labelled], batch_size: int = 64) -
     from moderator.classify import decode_file  # noqa: PLC0415
     from moderator.errors import ModeratorError  # noqa: PLC0415
 
+    from moderator.progress import progress_bar  # noqa: PLC0415
+
     out = []
+    bar = progress_bar(len(items), "calibrate: scoring")
     for start in range(0, len(items), batch_size):
         images = []
         for it in items[start:start + batch_size]:
@@ -204,6 +207,8 @@ def score_images(clf: Classifier, items: list[Labelled], batch_size: int = 64) -
             except ModeratorError as e:
                 raise LabelsError(f"{it.path}: (labels line {it.line}) [{e.reason}] {e}") from e
         out.append(clf.engine.policy.scores(clf.image_encoder.encode(images)))
+        bar.update(len(images))
+    bar.close()
     return np.concatenate(out).astype(np.float64)
 
 
