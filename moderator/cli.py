@@ -642,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--synthetic", type=int, metavar="N", help="send N synthetic demo images")
     pr.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     pr.add_argument("--envelopes", default="json",
-                    help="comma-separated mix of json, cloudevents, raw (default: %(default)s)")
+                    help="comma-separated mix of json, cloudevents, cloudevents-base64, cloudevents-binary, "
+                         "cloudevents-binary-image, raw (default: %(default)s)")
     pr.add_argument("--duplicates", type=float, default=0.0, help="share of synthetic events repeating an image")
     pr.add_argument("--malformed", type=int, default=0, help="mix in up to this many malformed events")
     pr.add_argument("--malformed-every", type=int, default=20, help="one malformed event per this many good")
@@ -665,8 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--image", choices=("png", "jpeg"), default="png",
                     help="png: synthetic shapes; jpeg: photo-like JPEGs at quality 85")
     bw.add_argument("--size", type=_size, default=(96, 96), help="N or WxH (default: 96)")
-    bw.add_argument("--envelope", choices=("json", "cloudevents", "raw"), default="json",
-                    help="json/cloudevents: the image base64 inside; raw: the image bytes as the record value")
+    bw.add_argument("--envelope", choices=("json", "cloudevents", "cloudevents-base64", "cloudevents-binary",
+                                           "cloudevents-binary-image", "raw"), default="json",
+                    help="json/cloudevents*: the image base64 inside; cloudevents-binary-image and raw: the image "
+                         "bytes as the record value")
     bw.add_argument("--unique-images", type=int, default=256,
                     help="distinct images the events cycle through (drawing 1024x768 photos takes ~0.1 s each)")
     bw.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="MODERATOR_ENCODER_BACKEND")

@@ -195,32 +195,8 @@ def test_cloudevents_output_reads_back_with_the_sdk_from_the_broker(mode, kafka_
 # --- through a real worker ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def wired_output(monkeypatch):
-    """The worker's producer with the settings' output format.
-
-    ``moderator/worker/app.py`` builds ``DecisionPublisher(...)`` (and ``ShadowPublisher``) without
-    ``output=OutputFormat.from_settings(s)`` until that one-line wiring lands there; this fills it
-    in the same way (and does nothing once the worker passes it itself).
-    """
-    import moderator.worker.app as app
-
-    real = app.DecisionPublisher
-    made: list = []
-
-    def publisher(*args, **kw):
-        settings = made_settings[-1]
-        kw.setdefault("output", OutputFormat.from_settings(settings))
-        made.append(real(*args, **kw))
-        return made[-1]
-
-    made_settings: list = []
-    monkeypatch.setattr(app, "DecisionPublisher", publisher)
-    return made_settings
-
-
 def test_a_worker_decides_every_envelope_and_replays_with_the_same_cloudevents_ids(
-        random_model_dir, stream_topics, worker_settings, start_worker, kafka_bootstrap, wired_output):
+        random_model_dir, stream_topics, worker_settings, start_worker, kafka_bootstrap):
     from kafka import KafkaAdminClient, TopicPartition
     from kafka.structs import OffsetAndMetadata
 
@@ -228,7 +204,6 @@ def test_a_worker_decides_every_envelope_and_replays_with_the_same_cloudevents_i
 
     topics = stream_topics(2)
     settings = worker_settings(random_model_dir, topics, max_batch=8, decision_format="cloudevents")
-    wired_output.append(settings)
     good = list(synthetic_events(4 * len(ENVELOPES), seed=7, size=48, envelopes=ENVELOPES, id_prefix="ce"))
     ce = [("ce_specversion", b"1.0"), ("ce_id", b"ce-bad-1"), ("ce_type", b"t")]  # no ce_source
     bad = [OutgoingEvent(id="ce-bad-1", expect="dead_letter:invalid_cloudevent", raw_value=b'{"image": {}}',
@@ -270,7 +245,6 @@ def test_a_worker_decides_every_envelope_and_replays_with_the_same_cloudevents_i
     finally:
         admin.close()
     again = settings.model_copy(update={"client_id": settings.client_id + "-b"})
-    wired_output.append(again)
     start_worker(again)
     both = _read_all(kafka_bootstrap, [topics.decisions, topics.dead_letter], 2 * n, timeout_s=90)
     pairs: dict = {}

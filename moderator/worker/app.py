@@ -51,7 +51,7 @@ from moderator.fetch import AddressPolicy, FetchLimits, UrlFetcher
 from moderator.ingest import EventLimits, RebalanceHooks, make_consumer, subscribe
 from moderator.ingest.access import check_kafka_access
 from moderator.ingest.crc import check_native_crc32c
-from moderator.publish import DecisionPublisher, ShadowPublisher, SourceRecord, Topics
+from moderator.publish import DecisionPublisher, OutputFormat, ShadowPublisher, SourceRecord, Topics
 from moderator.redis_client import check_redis_access
 from moderator.worker.commits import OffsetCommitter
 from moderator.worker.http import OpsServer
@@ -300,15 +300,16 @@ class Worker:
                                      stop=self._stop)
         log.info("kafka reachable", extra={"event": "kafka_access", "seconds": round(seconds, 3),
                                            "security_protocol": s.kafka_security_protocol})
+        output = OutputFormat.from_settings(s)  # json, or CloudEvents (binary or structured)
         self._publisher = DecisionPublisher(
             s.kafka_bootstrap_servers, Topics(*s.output_topics()), client_id=s.client_id, linger_ms=s.linger_ms,
             delivery_timeout_ms=s.delivery_timeout_ms, security=s.kafka_security(),
             transactional_id=s.resolved_transactional_id() if self.exactly_once else None,
-            transaction_timeout_ms=s.transaction_timeout_ms)
+            transaction_timeout_ms=s.transaction_timeout_ms, output=output)
         self.pipeline.publisher = self._publisher
         if self.shadow_engine is not None:  # its own producer and thread: nothing live waits on it
             shadow = ShadowPublisher(s.kafka_bootstrap_servers, s.shadow_decisions_topic, client_id=s.client_id,
-                                     linger_ms=s.linger_ms, security=s.kafka_security())
+                                     linger_ms=s.linger_ms, security=s.kafka_security(), output=output)
             closing.callback(shadow.close)
             shadow.check_topic(s.kafka_startup_timeout_s)
             self.pipeline.shadow_publisher = shadow.start()
