@@ -214,13 +214,18 @@ def _cmd_produce(a: argparse.Namespace) -> int:
     from moderator.config import KafkaClientSettings
     from moderator.ingest.access import check_kafka_access
 
+    envelopes = tuple(a.envelopes.split(","))
+    unknown = [e for e in envelopes if e not in prod.ENVELOPES]
+    if unknown:  # before any connection: a typo is a usage error, not a failure minutes later
+        print(f"moderator produce: --envelopes: unknown {', '.join(map(repr, unknown))}; choose from "
+              f"{', '.join(prod.ENVELOPES)}", file=sys.stderr)
+        return 2
     # the worker's MODERATOR_KAFKA_* variables: bootstrap servers, TLS, SASL (main() reports invalid ones)
     kafka = KafkaClientSettings(**({"kafka_bootstrap_servers": a.bootstrap_servers} if a.bootstrap_servers else {}))
     bootstrap, security = kafka.kafka_bootstrap_servers, kafka.kafka_security()
     check_kafka_access(bootstrap, security, timeout_s=kafka.kafka_startup_timeout_s,
                        client_id="moderator-produce-check")
 
-    envelopes = tuple(a.envelopes.split(","))
     if a.dir:
         good = prod.directory_events(a.dir, envelopes=envelopes, id_prefix=a.id_prefix or "file")
     else:
@@ -232,7 +237,7 @@ def _cmd_produce(a: argparse.Namespace) -> int:
         prod.ensure_topics(bootstrap, {a.topic: a.create_topic}, security)
     from moderator.progress import progress_bar
 
-    total = (a.synthetic + len(bad)) if a.synthetic else None
+    total = a.synthetic if a.synthetic and not bad else None  # interleave may use fewer malformed ones
     with progress_bar(total, f"produce {a.topic}", "event") as bar:
         def counted(events):
             for ev in events:
@@ -825,7 +830,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING
-    if (args.log_format or os.environ.get("MODERATOR_LOG_FORMAT", "text")) == "json":
+    log_format = args.log_format or os.environ.get("MODERATOR_LOG_FORMAT", "text")
+    if log_format not in ("text", "json"):
+        print(f"moderator: MODERATOR_LOG_FORMAT={log_format!r}: must be text or json", file=sys.stderr)
+        return EXIT_USAGE
+    if log_format == "json":
         from moderator.logs import configure_logging, service_fields
 
         configure_logging(logging.getLevelName(level), True, service_fields())

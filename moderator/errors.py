@@ -15,7 +15,8 @@ EXIT_USAGE = 2  # bad flags, settings, policy, model, labels, credentials: fix t
 EXIT_RUNTIME = 3  # a service stayed unreachable, the worker stopped on a fatal error, or a bug
 EXIT_INTERRUPTED = 130
 # reasons of errors that a retry (later, elsewhere) may fix, unlike the invocation's own mistakes
-RUNTIME_REASONS = frozenset({"kafka_unreachable", "service_unreachable", "internal_error"})
+RUNTIME_REASONS = frozenset({"kafka_unreachable", "service_unreachable", "internal_error", "delivery_failed",
+                             "devservice_start_failed"})
 
 
 def exit_status(err: BaseException) -> int:

@@ -82,3 +82,13 @@ def test_json_output_of_synth(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["splits"]["train"]["images"] == 3 and out["splits"]["heldout"]["images"] == 2
     assert (tmp_path / "train.jsonl").is_file()
+
+
+def test_usage_errors_are_caught_before_any_connection(capsys, monkeypatch):
+    # nothing listens here: reaching the access check would take its 30 s timeout and exit 3
+    monkeypatch.setenv("MODERATOR_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    assert main(["produce", "--topic", "t", "--synthetic", "1", "--envelopes", "json,nope"]) == 2
+    assert "unknown 'nope'" in capsys.readouterr().err
+    monkeypatch.setenv("MODERATOR_LOG_FORMAT", "JSON")
+    assert main(["docs", "metrics"]) == 2
+    assert "must be text or json" in capsys.readouterr().err

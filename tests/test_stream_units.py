@@ -604,3 +604,30 @@ def test_decode_concurrency_follows_the_cpus_unless_set(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
     assert WorkerSettings().decode_slots() == 4  # GIL-bound work gains nothing past a few threads
     assert WorkerSettings(decode_concurrency=6).decode_slots() == 6
+
+
+@pytest.mark.parametrize("value", [
+    b'{"id": "a\\ud800", "image": {"url": "https://images.example/a.png"}}',
+    b'{"id": "ok", "image": {"url": "https://images.example/a.png"}, "metadata": {"x": "\\udfff"}}',
+    b'{"specversion": "1.0", "id": "c\\ud800", "source": "s", "type": "t", '
+    b'"data": {"image": {"url": "https://images.example/a.png"}}}',
+])
+def test_an_unpaired_surrogate_is_malformed_json_not_a_poisoned_record(value):
+    """json.loads accepts a lone \\ud800; no UTF-8 writer does, so a decision or dead letter carrying
+    it could never be published (the worker would stop on it and crash-loop on the same offset)."""
+    with pytest.raises(InputError) as info:
+        parse_record(value, None, [])
+    assert info.value.reason == "malformed_json" and "surrogate" in str(info.value)
+    # a paired surrogate (one emoji) is a normal character
+    ok = parse_record(b'{"id": "e\\ud83d\\ude00", "image": {"url": "https://images.example/a.png"}}', None, [])
+    assert ok.id == "e\U0001f600"
+
+
+def test_a_dead_letter_with_an_unencodable_id_still_serialises():
+    from moderator.publish import SourceRecord, build_dead_letter
+
+    src = SourceRecord(topic="t", partition=0, offset=1, key=None, value=b"x", timestamp_ms=0)
+    dead = build_dead_letter(src, "invalid_event", "bad id a\ud800", event_id="a\ud800", worker="w",
+                             max_value_bytes=100)
+    data = dead.model_dump_json().encode("utf-8")
+    assert b"a\\\\ud800" in data

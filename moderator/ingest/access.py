@@ -195,8 +195,10 @@ def check_kafka_access(bootstrap_servers: str, security: Mapping[str, object], *
                     with contextlib.suppress(Exception):
                         admin.close()
             known = explain(last, bootstrap_servers, security)
-            if known is None and str(security.get("security_protocol", "")).startswith("SASL"):
-                known = _mechanism_refusal(bootstrap_servers, security, min(_ATTEMPT_S, timeout_s))
+            if (known is None and str(security.get("security_protocol", "")).startswith("SASL")
+                    and not (stop is not None and stop.is_set())):
+                left = deadline - time.monotonic()
+                known = _mechanism_refusal(bootstrap_servers, security, max(0.5, min(_ATTEMPT_S, left)))
             if known is not None:
                 raise known
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):

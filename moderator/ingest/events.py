@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal, Sequence
@@ -133,6 +134,24 @@ def _is_image_type(content_type: str | None) -> bool:
     return content_type is not None and content_type.strip().lower().startswith("image/")
 
 
+# a \uD800-\uDFFF escape: json.loads turns an unpaired one into a lone surrogate, which no UTF-8
+# writer accepts (the decision or dead letter could then never be published)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _loads(raw: bytes | str):
+    """``json.loads``, refusing unpaired surrogates (checked only when the text has such an escape)."""
+    obj = json.loads(raw)
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if _SURROGATE_ESCAPE.search(data):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the JSON holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)") from None
+    return obj
+
+
+
 def parse_record(value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
                  limits: EventLimits = EventLimits()) -> ParsedEvent:
     """Parse one Kafka record. Raises an ``InputError`` with ``.event_id`` (or None)."""
@@ -151,7 +170,7 @@ def parse_record(value: bytes | None, key: bytes | None, headers: Sequence[tuple
         raise _fail(UnsupportedEnvelope(f"CloudEvents content type {ctype!r} is not supported (only "
                                         f"{CLOUDEVENTS_JSON}, one event per record)"), _key_id(key))
     try:
-        obj = json.loads(value)
+        obj = _loads(value)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise _fail(MalformedJSON(f"value is not JSON: {e}"), _key_id(key)) from None
     if not isinstance(obj, dict):
@@ -207,7 +226,7 @@ class _StrictData(JSONFormat):
             return None
         if _is_json_type(datacontenttype):
             try:
-                return json.loads(body)
+                return _loads(body)
             except (UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise _DataError(MalformedJSON(f"CloudEvent data is not JSON: {e}")) from None
         return bytes(body)
@@ -330,7 +349,7 @@ def _ce_data(event: SdkCloudEvent, data: Any, created: float | None, limits: Eve
             raise _fail(UnsupportedEnvelope(f"CloudEvents datacontenttype {str(dct)[:60]!r}: the data must be "
                                             "an input event (JSON) or an image (image/*)"), ce_id)
         try:
-            data = json.loads(data)
+            data = _loads(data)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise _fail(MalformedJSON(f"CloudEvent data is not JSON: {e}"), ce_id) from None
     if not isinstance(data, dict):

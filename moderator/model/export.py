@@ -245,7 +245,7 @@ def export_model(
     overwrite: bool = False,
     progress=None,
 ) -> ModelDirectory:
-    """Write the model directory atomically (temp dir, then rename); ``progress(step)`` at
+    """Write the model directory atomically (temp dir, then rename); ``progress(step)`` after
     each of its EXPORT_STEPS."""
     step = progress or (lambda _name: None)
     import numpy as np  # noqa: PLC0415
@@ -279,14 +279,13 @@ def export_model(
         pixels = torch.randn(2, 3, *size, dtype=dtype)
         tokens = torch.zeros(2, context_length, dtype=torch.long)
         tokens[:, 0], tokens[:, 1] = tok_spec.sot_token_id, tok_spec.eot_token_id
-        step(EXPORT_STEPS[0])
         _onnx_export(_tower(model, "encode_image"), pixels, "pixel_values", tmp / IMAGE_ONNX)
-        step(EXPORT_STEPS[1])
+        step(EXPORT_STEPS[0])
         _onnx_export(_tower(model, "encode_text"), tokens, "input_ids", tmp / TEXT_ONNX)
-        step(EXPORT_STEPS[2])
+        step(EXPORT_STEPS[1])
         for f in (IMAGE_ONNX, TEXT_ONNX):
             onnx.checker.check_model(str(tmp / f))
-        step(EXPORT_STEPS[3])
+        step(EXPORT_STEPS[2])
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
 
         logit_bias = getattr(model, "logit_bias", None)
@@ -314,4 +313,5 @@ def export_model(
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        step(EXPORT_STEPS[3])
     return ModelDirectory(out_dir)

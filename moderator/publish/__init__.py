@@ -152,6 +152,12 @@ def _text_or_b64(raw: bytes) -> tuple[str, str]:
         return "base64", base64.b64encode(raw).decode("ascii")
 
 
+def _utf8(text: str) -> str:
+    """``text`` with anything UTF-8 cannot carry (a lone surrogate) escaped: a dead letter must
+    always be publishable."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def build_dead_letter(src: SourceRecord, reason: str, error: str, *, event_id: str | None,
                       worker: str, max_value_bytes: int, policy_version: str | None = None,
                       model_sha256: str | None = None) -> DeadLetter:
@@ -165,7 +171,7 @@ def build_dead_letter(src: SourceRecord, reason: str, error: str, *, event_id: s
         enc, text = _text_or_b64(src.key)
         key = text if enc == "utf-8" else f"base64:{text}"
     return DeadLetter(
-        event_id=event_id, reason=reason, error=error[:2000],
+        event_id=_utf8(event_id) if event_id else event_id, reason=reason, error=_utf8(error[:2000]),
         source=DeadLetterSource(topic=src.topic, partition=src.partition, offset=src.offset,
                                 timestamp_ms=src.timestamp_ms, key=key),
         original=OriginalValue(encoding=encoding, value=copied, size_bytes=len(value),

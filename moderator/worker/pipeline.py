@@ -409,7 +409,7 @@ class Pipeline:
         dead = build_dead_letter(src, err.reason, str(err), event_id=p.event_id, worker=self.client_id,
                                  max_value_bytes=self.dead_letter_max_value_bytes,
                                  policy_version=self.engine.policy.version, model_sha256=self.model_sha256)
-        key = p.event_id.encode() if p.event_id else src.key
+        key = p.event_id.encode("utf-8", "backslashreplace") if p.event_id else src.key
         metrics.DEAD_LETTERS.labels(reason=err.reason).inc()
         self.stats.add(dead_letters=1)
         log.info("dead letter", extra={"event": "dead_letter", "reason": err.reason, "event_id": p.event_id,

@@ -435,6 +435,8 @@ def test_network_policy(helm):
     (pod,) = [m for m in by_kind(manifests, "Pod")]
     assert test_pod["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items(), \
         "the helm test pod may still reach /readyz"
+    assert not np["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items(), \
+        "the policy must not select the test pod: its egress would stop it reaching the Service"
     (np,) = by_kind(docs(render(helm, None, "--set", "networkPolicy.enabled=true").stdout), "NetworkPolicy")
     assert egress_ports(np) == [{(53, "UDP"), (53, "TCP")}, {(9092, "TCP")}, {(80, "TCP"), (443, "TCP")}], "no Redis"
     r = render(helm, None, "--set", "networkPolicy.enabled=true", "--set", "kafka.bootstrapServers=kafka", check=False)
@@ -454,6 +456,12 @@ def test_helm_test_pod_checks_readyz_on_the_service(helm):
     assert c["image"] == "busybox:1.37"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True and pod["spec"]["automountServiceAccountToken"] is False
+    labels = pod["metadata"]["labels"].items()
+    (deploy,) = by_kind(manifests, "Deployment")
+    (pdb,) = by_kind(manifests, "PodDisruptionBudget")
+    for name, selector in (("Service", svc["spec"]["selector"]), ("Deployment", deploy["spec"]["selector"]["matchLabels"]),
+                           ("PodDisruptionBudget", pdb["spec"]["selector"]["matchLabels"])):
+        assert not selector.items() <= labels, f"the {name}'s selector matches the test pod"
     (pod,) = by_kind(docs(render(helm, CHART / "ci" / "kube-prometheus-values.yaml").stdout), "Pod")
     assert pod["spec"]["containers"][0]["image"] == "curlimages/curl:8.17.0"
     assert "+ 60 ))" in pod["spec"]["containers"][0]["command"][2]
