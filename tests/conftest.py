@@ -246,6 +246,28 @@ def send_records(kafka_bootstrap: str):
 
 
 @pytest.fixture
+def read_records(kafka_bootstrap: str):
+    """``read(topics, n, timeout_s=60) -> [ConsumerRecord]``: the raw records of ``topics``
+    from the beginning, until ``n`` of them (or the timeout)."""
+    from kafka import KafkaConsumer
+
+    def read(topics: list[str], n: int, timeout_s: float = 60.0) -> list:
+        consumer = KafkaConsumer(*topics, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                                 enable_auto_commit=False)
+        out: list = []
+        deadline = _time.monotonic() + timeout_s
+        try:
+            while len(out) < n and _time.monotonic() < deadline:
+                for recs in consumer.poll(timeout_ms=300).values():
+                    out.extend(recs)
+        finally:
+            consumer.close()
+        return out
+
+    return read
+
+
+@pytest.fixture
 def read_outputs(kafka_bootstrap: str):
     """``read(topics, expected_inputs, timeout_s=60, bootstrap=None, isolation_level="read_uncommitted")
     -> {topic: [(record, json)]}`` (``read_committed``: what exactly-once readers see).

@@ -114,23 +114,6 @@ def test_decision_format_settings():
         WorkerSettings(decision_format="avro")
 
 
-def _read_all(bootstrap: str, topics: list[str], n: int, timeout_s: float = 30):
-    import time
-
-    from kafka import KafkaConsumer
-
-    c = KafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
-    out: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < n and time.monotonic() < deadline:
-            for recs in c.poll(timeout_ms=300).values():
-                out.extend(recs)
-    finally:
-        c.close()
-    return out
-
-
 def _sdk_read(record, mode: str):
     """What a consumer does: the SDK's reader for the mode, on the record as Kafka delivered it."""
     msg = ce_kafka.KafkaMessage(headers=dict(record.headers), key=record.key, value=record.value)
@@ -139,7 +122,8 @@ def _sdk_read(record, mode: str):
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
-def test_cloudevents_output_reads_back_with_the_sdk_from_the_broker(mode, kafka_bootstrap, topic_factory):
+def test_cloudevents_output_reads_back_with_the_sdk_from_the_broker(mode, kafka_bootstrap, topic_factory,
+                                                                    read_records):
     names = Topics(topic_factory(1, suffix="decisions"), topic_factory(1, suffix="flagged"),
                    topic_factory(1, suffix="review"), topic_factory(1, suffix="dead-letter"))
     out = OutputFormat("cloudevents", mode, "/moderator/test-group")
@@ -157,7 +141,7 @@ def test_cloudevents_output_reads_back_with_the_sdk_from_the_broker(mode, kafka_
     pub.flush(30)
     pub.close()
     assert not errors
-    records = _read_all(kafka_bootstrap, [names.decisions, names.flagged, names.dead_letter], 6)
+    records = read_records([names.decisions, names.flagged, names.dead_letter], 6, timeout_s=30)
     by_topic: dict = {}
     for r in records:
         by_topic.setdefault(r.topic, []).append((r, _sdk_read(r, mode)))
@@ -196,7 +180,7 @@ def test_cloudevents_output_reads_back_with_the_sdk_from_the_broker(mode, kafka_
 
 
 def test_a_worker_decides_every_envelope_and_replays_with_the_same_cloudevents_ids(
-        random_model_dir, stream_topics, worker_settings, start_worker, kafka_bootstrap):
+        random_model_dir, stream_topics, worker_settings, start_worker, kafka_bootstrap, read_records):
     from kafka import KafkaAdminClient, TopicPartition
     from kafka.structs import OffsetAndMetadata
 
@@ -218,7 +202,7 @@ def test_a_worker_decides_every_envelope_and_replays_with_the_same_cloudevents_i
     def events(records, topic):  # the SDK's event per record
         return [_sdk_read(r, "binary") for r in records if r.topic == topic]
 
-    first = _read_all(kafka_bootstrap, [topics.decisions, topics.dead_letter], n, timeout_s=90)
+    first = read_records([topics.decisions, topics.dead_letter], n, timeout_s=90)
     decided = {ev.get_subject(): ev for ev in events(first, topics.decisions)}
     assert set(decided) == {e.id for e in good}, "every envelope decided under its own id"
     for e in good:
@@ -246,7 +230,7 @@ def test_a_worker_decides_every_envelope_and_replays_with_the_same_cloudevents_i
         admin.close()
     again = settings.model_copy(update={"client_id": settings.client_id + "-b"})
     start_worker(again)
-    both = _read_all(kafka_bootstrap, [topics.decisions, topics.dead_letter], 2 * n, timeout_s=90)
+    both = read_records([topics.decisions, topics.dead_letter], 2 * n, timeout_s=90)
     pairs: dict = {}
     for ev in events(both, topics.decisions) + events(both, topics.dead_letter):
         pairs.setdefault(ev.get_subject(), []).append(ev)

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from kafka import KafkaConsumer
 from PIL import Image
 
 from moderator import metrics
@@ -114,19 +113,6 @@ def case(demo_model, tmp_path_factory):
                                                                                       pdq(_near_duplicate(hashed))[0])}
 
 
-def _read_topic(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> list:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False)
-    out, deadline = [], time.monotonic() + timeout_s
-    try:
-        while len(out) < n and time.monotonic() < deadline:
-            for recs in consumer.poll(timeout_ms=300).values():
-                out.extend(recs)
-    finally:
-        consumer.close()
-    return out
-
-
 @pytest.mark.slow
 def test_banked_near_duplicate_and_allow_listed_images(
         case, demo_model, stream_topics, worker_settings, start_worker, read_outputs, kafka_bootstrap):
@@ -209,7 +195,7 @@ def _same_live_records(a: list, b: list) -> None:
 @pytest.mark.slow
 def test_shadow_policy_decides_beside_the_live_one_and_changes_nothing_live(
         case, demo_model, stream_topics, topic_factory, worker_settings, start_worker, read_outputs,
-        kafka_bootstrap):
+        kafka_bootstrap, read_records):
     from moderator.decide.policy import load_policy
 
     plain_topics, shadowed_topics = stream_topics(2), stream_topics(2)
@@ -229,7 +215,7 @@ def test_shadow_policy_decides_beside_the_live_one_and_changes_nothing_live(
     produce(kafka_bootstrap, plain_topics.input, events)
     plain = read_outputs(plain_topics, len(events), timeout_s=120)
     live = read_outputs(shadowed_topics, len(events), timeout_s=120)
-    shadow_records = _read_topic(kafka_bootstrap, shadow_topic, len(events))
+    shadow_records = read_records([shadow_topic], len(events))
 
     # live topics: the same records as without a shadow policy (keys, headers, values but the clock)
     for name in ("decisions", "flagged", "review", "dead_letter"):
@@ -271,7 +257,7 @@ def test_shadow_policy_decides_beside_the_live_one_and_changes_nothing_live(
 @pytest.mark.slow
 def test_a_failing_shadow_topic_never_touches_the_live_path(
         random_model_dir, stream_topics, topic_factory, worker_settings, start_worker, read_outputs,
-        kafka_bootstrap, kafka_offsets, tmp_path):
+        kafka_bootstrap, kafka_offsets, tmp_path, read_records):
     """Every shadow record is refused by the broker (the topic takes 200-byte records at most):
     the live decisions, their routing and the committed offsets are as if there were no shadow."""
     topics = stream_topics(1)
@@ -297,4 +283,4 @@ def test_a_failing_shadow_topic_never_touches_the_live_path(
         assert time.monotonic() < deadline + 30, "offsets must commit as without a shadow policy"
         time.sleep(0.2)
     assert worker._fatal is None and worker._health()[0]
-    assert _read_topic(kafka_bootstrap, tiny, 1, timeout_s=3) == []
+    assert read_records([tiny], 1, timeout_s=3) == []
