@@ -278,7 +278,7 @@ def test_real_worker_exports_every_metric_the_dashboard_and_rules_query(
             time.sleep(0.5)
         assert _get(f"{base}/healthz")[0] == 200
 
-        produced = run([sys.executable, "-m", "moderator.cli", "produce", "--kafka-bootstrap-servers", kafka_bootstrap,
+        produced = run([sys.executable, "-m", "moderator.cli", "produce", "--bootstrap-servers", kafka_bootstrap,
                         "--topic", input_topic, "--synthetic", "48", "--malformed", "4", "--malformed-every", "10",
                         "--duplicates", "0.25", "--size", "64", "--seed", "5"], timeout=180)
         sent = json.loads(produced.stdout.strip().splitlines()[-1])["sent"]
