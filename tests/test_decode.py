@@ -108,3 +108,20 @@ def test_pixel_cap_is_configurable():
         decode_image(data, DecodeLimits(max_pixels=5000))
     assert e.value.reason == "decompression_bomb"
     assert decode_image(data, DecodeLimits(max_pixels=10_000)).image.size == (100, 100)
+
+
+def test_a_gif_cut_inside_a_later_frame_header_is_a_named_failure():
+    """Pillow's GIF n_frames walks every frame header; one cut short raised struct.error, which
+    escaped the decoder (found by tests/test_fuzz.py): it must be a named decode failure."""
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    data = buf.getvalue()
+    cut_in_a_header = 0
+    for n in range(len(data)):
+        try:
+            decode_image(data[:n], DecodeLimits())
+        except InputError as e:
+            assert e.reason in ("image_decode_failed", "truncated_image", "not_an_image", "empty_image"), e
+            cut_in_a_header += "unpack_from" in str(e)
+    assert cut_in_a_header, "no cut landed in a frame header: the case is not exercised"

@@ -631,3 +631,16 @@ def test_a_dead_letter_with_an_unencodable_id_still_serialises():
                              max_value_bytes=100)
     data = dead.model_dump_json().encode("utf-8")
     assert b"a\\\\ud800" in data
+
+
+def test_a_cloudevent_with_an_unusable_data_id_is_dead_lettered_under_its_own_id():
+    ce = {"specversion": "1.0", "id": "ce-77", "source": "urn:uploads", "type": "t",
+          "data": {"id": 42, "image": {"url": "https://images.example/a.png"}}}
+    with pytest.raises(InputError) as info:
+        parse_record(_json(ce), None, [("content-type", b"application/cloudevents+json")])
+    assert info.value.reason == "invalid_event" and info.value.event_id == "ce-77"
+    headers = [("ce_specversion", b"1.0"), ("ce_id", b"ce-78"), ("ce_source", b"s"), ("ce_type", b"t"),
+               ("content-type", b"application/json")]
+    with pytest.raises(InputError) as info:
+        parse_record(b'{"id": ["x"], "image": {"url": "https://images.example/a.png"}}', None, headers)
+    assert info.value.reason == "invalid_event" and info.value.event_id == "ce-78"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -128,7 +129,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), *, sha256: 
                 raise TruncatedImage(msg) from e
             raise ImageDecodeError(f"cannot decode {fmt}: {msg}") from e
         except (ValueError, SyntaxError, IndexError, EOFError, ZeroDivisionError, MemoryError, TypeError,
-                KeyError) as e:
+                KeyError, struct.error) as e:  # struct.error: a cut frame header (GIF n_frames)
             raise ImageDecodeError(f"cannot decode {fmt}: {type(e).__name__}: {e}") from e
     return DecodedImage(rgb, digest, fmt, (w, h), mode, frames)
 

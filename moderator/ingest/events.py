@@ -356,16 +356,17 @@ def _ce_data(event: SdkCloudEvent, data: Any, created: float | None, limits: Eve
         raise _fail(InvalidEvent("CloudEvents data must be a JSON object (an input event)"), ce_id)
     merged = dict(data)
     merged.setdefault("id", ce_id)
-    return _parse_event(merged, "cloudevents", limits, default_created=created)
+    return _parse_event(merged, "cloudevents", limits, default_created=created, fallback_id=ce_id)
 
 
 def _parse_event(obj: dict, envelope: Envelope, limits: EventLimits,
-                 default_created: float | None = None) -> ParsedEvent:
+                 default_created: float | None = None, fallback_id: str | None = None) -> ParsedEvent:
+    """``fallback_id``: the CloudEvent's own id, named in the dead letter when ``data.id`` is unusable."""
     raw_id = obj.get("id")
     if raw_id is None or raw_id == "":
-        raise _fail(MissingEventId("event has no id"), None)
+        raise _fail(MissingEventId("event has no id"), fallback_id)
     if not isinstance(raw_id, str):
-        raise _fail(InvalidEvent(f"id must be a string, got {type(raw_id).__name__}"), None)
+        raise _fail(InvalidEvent(f"id must be a string, got {type(raw_id).__name__}"), fallback_id)
     image = obj.get("image")
     if not isinstance(image, dict):
         raise _fail(InvalidImageSource("image must be an object with exactly one of 'url' and 'data'"),
