@@ -10,7 +10,6 @@ optional ``id``, ``label``, ``source`` per line (paths relative to the file).
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -22,6 +21,7 @@ from moderator.decide.banks import Bank, read_bank, read_json_lines, utc_now, wr
 from moderator.decode import DecodeLimits
 from moderator.encode import ImageEncoder, ModelDirectory
 from moderator.errors import BankError, InputError, ModeratorError
+from moderator.progress import progress_bar
 from moderator.schemas import BankItem, BankManifest
 
 
@@ -73,12 +73,6 @@ def sources_from_jsonl(jsonl: Path, label: str | None = None, source: str | None
     return out
 
 
-def _progress(total: int, desc: str, enabled: bool | None):
-    from moderator.progress import progress_bar  # noqa: PLC0415
-
-    return progress_bar(total, desc, "img", enabled)
-
-
 class BankBuilder:
     """Embeds images for a bank with the model the worker serves."""
 
@@ -97,7 +91,7 @@ class BankBuilder:
         items: list[BankItem] = []
         rows: list[np.ndarray] = []
         batch: list[tuple[Source, object]] = []
-        bar = _progress(len(sources), "embedding", self.progress)
+        bar = progress_bar(len(sources), "embedding", "img", self.progress)
 
         def flush() -> None:
             if batch:

@@ -194,7 +194,6 @@ def score_images(clf: Classifier, items: list[Labelled], batch_size: int = 64) -
     decoder with its JPEG draft, the ONNX image encoder, the policy's scoring), unrounded."""
     from moderator.classify import decode_file  # noqa: PLC0415
     from moderator.errors import ModeratorError  # noqa: PLC0415
-
     from moderator.progress import progress_bar  # noqa: PLC0415
 
     out = []

@@ -92,19 +92,23 @@ def _cmd_demo_model(a: argparse.Namespace) -> int:
 
     d = ensure_demo_model(a.seed, force=a.force)
     r = d.report
+    labels = comparison = None
+    if a.write_labels:
+        from moderator.model.demo_labels import write_policy_labels
+
+        labels = write_policy_labels(d.heldout_jsonl, a.write_labels)
+    if a.compare_templates:
+        from moderator.model.demo import zero_shot_accuracy
+        from moderator.model.synth import ZERO_SHOT_TEMPLATES
+
+        comparison = {**{t: zero_shot_accuracy(d.model_dir, d.heldout_jsonl, (t,)) for t in ZERO_SHOT_TEMPLATES},
+                      "ensemble": zero_shot_accuracy(d.model_dir, d.heldout_jsonl)}
     if a.json:
         out = {"model_dir": str(d.model_dir), "heldout_jsonl": str(d.heldout_jsonl), **r}
-        if a.write_labels:
-            from moderator.model.demo_labels import write_policy_labels
-
-            out["policy_labels"] = str(write_policy_labels(d.heldout_jsonl, a.write_labels))
-        if a.compare_templates:
-            from moderator.model.demo import zero_shot_accuracy
-            from moderator.model.synth import ZERO_SHOT_TEMPLATES
-
-            out["template_comparison"] = {
-                **{t: zero_shot_accuracy(d.model_dir, d.heldout_jsonl, (t,)) for t in ZERO_SHOT_TEMPLATES},
-                "ensemble": zero_shot_accuracy(d.model_dir, d.heldout_jsonl)}
+        if labels is not None:
+            out["policy_labels"] = str(labels)
+        if comparison is not None:
+            out["template_comparison"] = comparison
         print(json.dumps(out, default=str))
         return 0
     print(f"demo model: {d.model_dir}")
@@ -114,20 +118,14 @@ def _cmd_demo_model(a: argparse.Namespace) -> int:
     if r["errors"]:
         print("most frequent confusions: " + ", ".join(f"{k} ({v})" for k, v in list(r["errors"].items())[:5]))
     print(f"held-out zero-shot accuracy: {r['accuracy']:.2f}")
-    if a.write_labels:
-        from moderator.model.demo_labels import write_policy_labels
-
-        print(f"labels for the demo policy: {write_policy_labels(d.heldout_jsonl, a.write_labels)}")
-    if a.compare_templates:
-        from moderator.model.demo import zero_shot_accuracy
-        from moderator.model.synth import ZERO_SHOT_TEMPLATES
-
-        for t in ZERO_SHOT_TEMPLATES:
-            acc = zero_shot_accuracy(d.model_dir, d.heldout_jsonl, (t,))
+    if labels is not None:
+        print(f"labels for the demo policy: {labels}")
+    if comparison is not None:
+        ensemble = comparison.pop("ensemble")
+        for t, acc in comparison.items():
             print(f"  single template {t!r}: {acc['accuracy']:.4f} (worst class {acc['worst_class_accuracy']:.2f})")
-        acc = zero_shot_accuracy(d.model_dir, d.heldout_jsonl)
-        print(f"  ensemble of {len(ZERO_SHOT_TEMPLATES)}: {acc['accuracy']:.4f} "
-              f"(worst class {acc['worst_class_accuracy']:.2f})")
+        print(f"  ensemble of {len(comparison)}: {ensemble['accuracy']:.4f} "
+              f"(worst class {ensemble['worst_class_accuracy']:.2f})")
     return 0
 
 
@@ -184,14 +182,13 @@ def _cmd_classify(a: argparse.Namespace) -> int:
 
 def _cmd_evaluate_policy(a: argparse.Namespace) -> int:
     from moderator.classify import Classifier
-    from moderator.decide.evaluate import confusion, format_confusion
-
-    from moderator.decide.evaluate import read_labelled
+    from moderator.decide.evaluate import confusion, format_confusion, read_labelled
     from moderator.progress import progress_bar
 
     clf = Classifier(a.model, a.policy, redis_url=a.redis_url, redis_options=_redis_options(a.redis_url))
-    with progress_bar(len(read_labelled(a.data)), "evaluate") as bar:
-        matrix = confusion(clf, a.data, progress=bar.update)
+    rows = read_labelled(a.data)
+    with progress_bar(len(rows), "evaluate") as bar:
+        matrix = confusion(clf, rows, progress=bar.update)
     if a.json:
         print(json.dumps({"policy_version": clf.engine.policy.version, "data": str(a.data),
                           "confusion": {label: dict(c) for label, c in sorted(matrix.items())}}))
@@ -366,8 +363,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
         print(json.dumps({**dataclasses.asdict(s), **({"heldout_accuracy": demo_model.report["accuracy"]}
                                                      if demo_model is not None else {})}, default=str))
-        return 0 if s.accounted == s.produced and s.worker_exit == 0 else 1
-    if demo_model is not None:  # the demo's headline stays the last line
+    elif demo_model is not None:  # the demo's headline stays the last line
         print(f"held-out zero-shot accuracy: {demo_model.report['accuracy']:.2f}")
     return 0 if s.accounted == s.produced and s.worker_exit == 0 else 1
 

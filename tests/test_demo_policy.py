@@ -12,7 +12,7 @@ from PIL import Image
 
 from moderator import metrics
 from moderator.classify import Classifier
-from moderator.decide.evaluate import confusion, format_confusion
+from moderator.decide.evaluate import confusion, format_confusion, read_labelled
 from moderator.resources import DEMO_POLICY
 
 POLICY = DEMO_POLICY
@@ -25,7 +25,7 @@ def classifier(demo_model):
 
 @pytest.fixture(scope="module")
 def matrix(demo_model, classifier):
-    m = confusion(classifier, demo_model.heldout_jsonl)
+    m = confusion(classifier, read_labelled(demo_model.heldout_jsonl))
     print("\n" + format_confusion(m))
     return m
 

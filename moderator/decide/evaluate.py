@@ -23,10 +23,9 @@ def read_labelled(jsonl: Path) -> list[tuple[Path, str]]:
     return rows
 
 
-def confusion(classifier, jsonl: Path, progress=None) -> dict[str, Counter]:
-    """label -> Counter(action). Audit-sampled escalations are counted as ``audit``;
-    ``progress(1)`` after each image."""
-    rows = read_labelled(jsonl)
+def confusion(classifier, rows: list[tuple[Path, str]], progress=None) -> dict[str, Counter]:
+    """label -> Counter(action) over ``read_labelled`` rows. Audit-sampled escalations are
+    counted as ``audit``; ``progress(1)`` after each image."""
     label_of = {p: label for p, label in rows}
     out: dict[str, Counter] = defaultdict(Counter)
     for r in classifier.classify_files([p for p, _ in rows]):

@@ -139,17 +139,15 @@ def _is_image_type(content_type: str | None) -> bool:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
-def _loads(raw: bytes | str):
+def _loads(raw: bytes):
     """``json.loads``, refusing unpaired surrogates (checked only when the text has such an escape)."""
     obj = json.loads(raw)
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    if _SURROGATE_ESCAPE.search(data):
+    if _SURROGATE_ESCAPE.search(raw):
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("the JSON holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)") from None
     return obj
-
 
 
 def parse_record(value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
