@@ -59,25 +59,25 @@ def routing_problems(expr: str) -> list[str]:
     """Aggregations and vector matches in `expr` that drop `namespace` or `job`."""
     problems: list[str] = []
 
+    def check(listed: bool, labels: list[str], kept: str, dropped: str) -> None:
+        """``listed``: ``labels`` are the ones kept (by / on), else the ones dropped (without / ignoring)."""
+        if listed:
+            missing = [lbl for lbl in ROUTING_LABELS if lbl not in labels]
+            if missing:
+                problems.append(f"{kept} ({', '.join(labels)}) drops {missing}")
+        elif any(lbl in labels for lbl in ROUTING_LABELS):
+            problems.append(f"{dropped} ({', '.join(labels)}) drops a routing label")
+
     def visit(node) -> None:
         if isinstance(node, promql_parser.AggregateExpr):
             m = node.modifier
             if m is None:
                 problems.append(f"{node.op} without `by` drops every label")
-            elif m.type == promql_parser.AggModifierType.By:
-                missing = [lbl for lbl in ROUTING_LABELS if lbl not in m.labels]
-                if missing:
-                    problems.append(f"by ({', '.join(m.labels)}) drops {missing}")
-            elif any(lbl in m.labels for lbl in ROUTING_LABELS):
-                problems.append(f"without ({', '.join(m.labels)}) drops a routing label")
+            else:
+                check(m.type == promql_parser.AggModifierType.By, m.labels, "by", "without")
         elif isinstance(node, promql_parser.BinaryExpr) and node.modifier and node.modifier.matching:
             m = node.modifier.matching
-            if m.type == promql_parser.LabelModifierType.Include:
-                missing = [lbl for lbl in ROUTING_LABELS if lbl not in m.labels]
-                if missing:
-                    problems.append(f"on ({', '.join(m.labels)}) matches across {missing}")
-            elif any(lbl in m.labels for lbl in ROUTING_LABELS):
-                problems.append(f"ignoring ({', '.join(m.labels)}) matches across a routing label")
+            check(m.type == promql_parser.LabelModifierType.Include, m.labels, "on", "ignoring")
 
     promql_parser.walk(promql_parser.parse(expr), visit)
     return problems
