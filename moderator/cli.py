@@ -304,7 +304,7 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
                      envelope=a.envelope, unique_images=a.unique_images,
                      max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
                      encoder_seconds=a.encoder_seconds, bootstrap_servers=a.bootstrap_servers, backend=a.backend,
-                     latency=a.latency, latency_events=a.latency_events, seed_loop_model=a.seed_loop_model,
+                     latency=a.latency, latency_events=a.latency_events, latency_rate=a.latency_rate, seed_loop_model=a.seed_loop_model,
                      profile=a.profile, profile_gil=a.profile_gil, overrides=overrides, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(r))
     print(f"worker ({a.source}): {r['worker_decisions_per_s']} decisions/s; "
@@ -690,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--latency", action="store_true",
                     help="then run at half the measured rate and report p50/p99 consume -> acknowledged")
     bw.add_argument("--latency-events", type=int, help="events in the latency phase (default: min(events, 2000))")
+    bw.add_argument("--latency-rate", type=float,
+                    help="events/s in the latency phase (default: half the measured rate); the JSON key stays "
+                         "latency_at_half_rate with its rate_per_s")
     bw.add_argument("--seed-loop-model", type=Path,
                     help="also time the prototype loop (6 prompts + the image per image, batch 1) on this model")
     bw.add_argument("--profile", type=Path, metavar="FILE",

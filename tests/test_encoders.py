@@ -54,6 +54,19 @@ def test_image_parity_random_pixels(encoders, batch):
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
 
 
+def test_onnx_encode_uint8_equals_encode_pixels(encoders):
+    """The worker's path (uint8 per image, normalised per batch) gives the same embeddings,
+    bit for bit, as normalised float32 pixels."""
+    onnx_img = encoders[0]
+    h, w = onnx_img.preprocessor.image_size
+    u8 = np.random.default_rng(3).integers(0, 256, (5, h, w, 3), dtype=np.uint8)
+    expected = onnx_img.encode_pixels(onnx_img.preprocessor.batch([Image.fromarray(a) for a in u8]))
+    np.testing.assert_array_equal(onnx_img.encode_uint8(u8), expected)
+    np.testing.assert_array_equal(onnx_img.encode_uint8(np.ascontiguousarray(u8.transpose(0, 3, 1, 2))), expected)
+    with pytest.raises(ValueError, match="uint8"):
+        onnx_img.encode_uint8(u8.astype(np.float32))
+
+
 @pytest.mark.parametrize("batch", [1, 3, 17])
 def test_image_parity_decoded_files(encoders, batch):
     onnx_img, _, torch_img, _ = encoders

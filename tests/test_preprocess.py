@@ -42,6 +42,27 @@ def test_pixel_exact(size, interpolation, resize_mode):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def test_batch_normalises_uint8_once_and_matches_open_clip_per_image():
+    """The worker keeps uint8 pixels per image and normalises the batch in one step: the
+    same float32 operations as open_clip per image, so the same bits, in either layout."""
+    cfg = Preprocess(image_size=(64, 64), mean=MEAN, std=STD)
+    ours = ImagePreprocessor(cfg)
+    theirs = open_clip.image_transform(64, is_train=False, mean=MEAN, std=STD)
+    imgs = [img for _, img in _images()]
+    expected = np.stack([theirs(img).numpy() for img in imgs])
+    u8 = np.stack([ours.to_uint8(img) for img in imgs])
+    assert u8.dtype == np.uint8 and u8.shape == (len(imgs), 64, 64, 3)
+    batch = ours.batch(imgs)
+    assert batch.dtype == np.float32 and batch.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(batch, expected)
+    np.testing.assert_array_equal(ours.normalise(u8), expected)
+    np.testing.assert_array_equal(ours.normalise(np.ascontiguousarray(u8.transpose(0, 3, 1, 2))), expected)
+    with pytest.raises(ValueError, match="uint8"):
+        ours.normalise(u8.astype(np.float32))
+    with pytest.raises(ValueError, match=r"expected \(N, 64, 64, 3\)"):
+        ours.normalise(u8[:, :10])
+
+
 def test_batch_shape_and_empty():
     cfg = Preprocess(image_size=(32, 32), mean=MEAN, std=STD)
     pre = ImagePreprocessor(cfg)

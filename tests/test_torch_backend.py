@@ -119,6 +119,17 @@ def test_encode_mixed_keeps_the_order(bucketed):
         bucketed.encode_mixed(on_device, [0, None], [])
 
 
+def test_encode_mixed_takes_the_cpu_paths_uint8_images(bucketed):
+    """The worker's CPU-decoded images arrive as uint8 (H, W, 3) and are normalised on the device."""
+    h, w = bucketed.image_size
+    u8 = np.random.default_rng(4).integers(0, 256, (4, h, w, 3), dtype=np.uint8)
+    expected = bucketed.encode_uint8(u8)
+    normalised = bucketed.preprocessor.batch([Image.fromarray(a) for a in u8])
+    on_device = torch.from_numpy(normalised[[3, 1]])
+    got = bucketed.encode_mixed(on_device, [None, 1, None, 0], [u8[0], u8[2]])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def test_gpu_decode_only_on_cuda_by_default(plain, md):
     assert plain.device_jpeg is None and plain.runtime_info()["gpu_decode"] is False
     forced = TorchImageEncoder(md, device="cpu", gpu_decode=True)  # libjpeg-turbo: tests only

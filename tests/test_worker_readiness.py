@@ -43,7 +43,7 @@ def test_an_encoder_that_cannot_run_fails_the_start(random_model_dir, stream_top
     def broken(pixels):
         raise RuntimeError("CUDA error: out of memory")
 
-    monkeypatch.setattr(worker.encoder, "encode_pixels", broken)
+    monkeypatch.setattr(worker.encoder, "encode_uint8", broken)
     with pytest.raises(ModelError, match="warm-up batch: RuntimeError: CUDA error: out of memory"):
         worker.run()
     assert worker._consumer is None  # never joined the group

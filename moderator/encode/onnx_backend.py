@@ -176,7 +176,13 @@ class ImageEncoder(_OnnxEncoder):
         self.preprocessor = ImagePreprocessor(md.manifest.preprocess)
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Normalised float32 NCHW pixels (``ImagePreprocessor.batch``) -> embeddings."""
         return self._run(pixels)
+
+    def encode_uint8(self, pixels: np.ndarray) -> np.ndarray:
+        """Resized and cropped uint8 pixels, (N, H, W, 3) or (N, 3, H, W), not normalised
+        (``ImagePreprocessor.to_uint8``, stacked) -> embeddings; normalised here per batch."""
+        return self._run(self.preprocessor.normalise(pixels))
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self._run(self.preprocessor.batch(images))

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from moderator.encode.model_dir import ModelDirectory
-from moderator.encode.preprocess import ImagePreprocessor
+from moderator.encode.preprocess import ImagePreprocessor, uint8_layout
 from moderator.encode.tokenizer import ClipTokenizer
 from moderator.errors import MissingDependency, ModelError
 
@@ -365,12 +365,7 @@ class TorchImageEncoder(_TorchEncoder):
         return x.to(self.input_dtype).contiguous()
 
     def _check_shape(self, shape: tuple[int, ...], what: str) -> str:
-        h, w = self.image_size
-        if len(shape) == 4 and shape[1:] == (3, h, w):
-            return "NCHW"
-        if len(shape) == 4 and shape[1:] == (h, w, 3):
-            return "NHWC"
-        raise ValueError(f"{what}: expected (N, 3, {h}, {w}) or (N, {h}, {w}, 3), got {tuple(shape)}")
+        return uint8_layout(shape, self.image_size, what)
 
     def warmup(self, batch_sizes: Sequence[int] | None = None) -> list[int]:
         """Capture the graphs of the buckets that ``batch_sizes`` fall in (default: every
@@ -426,7 +421,9 @@ class TorchImageEncoder(_TorchEncoder):
                      host_pixels: Sequence[np.ndarray]) -> np.ndarray:
         """One batch from two sources, embeddings in ``rows`` order: output i is
         ``device_pixels[rows[i]]`` (normalised, on the device), or, where ``rows[i]`` is
-        ``None``, the next of ``host_pixels`` (normalised float32 CHW, the CPU path's)."""
+        ``None``, the next of ``host_pixels``: the CPU path's uint8 (H, W, 3) images
+        (``ImagePreprocessor.to_uint8``; uploaded as uint8, normalised on the device) or
+        normalised float32 CHW arrays."""
         torch = _torch()
         rows = list(rows)
         host_at = [i for i, r in enumerate(rows) if r is None]
@@ -442,8 +439,13 @@ class TorchImageEncoder(_TorchEncoder):
         if dev_at:
             src = device_pixels[torch.tensor([rows[i] for i in dev_at], device=device_pixels.device)]
             batch[torch.tensor(dev_at, device=self._device)] = src.to(self._device, torch.float32)
-        host = torch.from_numpy(np.ascontiguousarray(np.stack(host_pixels), dtype=np.float32))
-        batch[torch.tensor(host_at, device=self._device)] = host.to(self._device)  # the few CPU-path images
+        stacked = np.stack(host_pixels)
+        if stacked.dtype == np.uint8:  # a quarter of the bytes over the bus; the same float32 arithmetic
+            layout = self._check_shape(stacked.shape, "encode_mixed")
+            host = self._normalise_uint8(torch.from_numpy(stacked).to(self._device), layout).float()
+        else:
+            host = torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)).to(self._device)
+        batch[torch.tensor(host_at, device=self._device)] = host  # the few CPU-path images
         return self.encode_tensor(batch)
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -243,7 +243,7 @@ class Worker:
         first batch."""
         h, w = self.encoder.preprocessor.image_size
         try:
-            out = self.encoder.encode_pixels(np.zeros((1, 3, h, w), dtype=np.float32))
+            out = self.encoder.encode_uint8(np.zeros((1, h, w, 3), dtype=np.uint8))  # the batches' own path
         except Exception as e:
             raise ModelError(f"the image encoder failed its warm-up batch: {type(e).__name__}: {e}") from e
         if out.shape != (1, self.model_dir.manifest.embed_dim) or not np.isfinite(out).all():

@@ -301,7 +301,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                  image: str = "png", size: tuple[int, int] = (96, 96), max_batch: int = 32, max_wait_ms: int = 50,
                  partitions: int = 3, encoder_seconds: float = 5.0, bootstrap_servers: str | None = None,
                  backend: str = "onnx", envelope: str = "json", unique_images: int = 256,
-                 latency: bool = False, latency_events: int | None = None,
+                 latency: bool = False, latency_events: int | None = None, latency_rate: float | None = None,
                  seed_loop_model: Path | str | None = None, profile: Path | None = None, profile_gil: bool = False,
                  overrides: dict | None = None, timeout_s: float = 900.0, log=print) -> dict:
     from moderator.config import WorkerSettings  # noqa: PLC0415
@@ -386,8 +386,8 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
         if prof.summary():
             result["profile"] = {"file": str(profile), **prof.summary()}
         if latency:
-            target = 0.5 * rate
-            log(f"latency phase: {n_lat} events at {target:.0f}/s (half the measured rate) ...")
+            target = latency_rate or 0.5 * rate
+            log(f"latency phase: {n_lat} events at {target:.0f}/s" + ("" if latency_rate else " (half the measured rate)"))
             worker.stats.latencies = []
             acked0 = worker.stats.inputs_acked
             recs = [e.record() for e in lat_evs]

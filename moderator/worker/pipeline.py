@@ -284,7 +284,7 @@ class Pipeline:
                 return
         decoded = decode_image(data, self.decode_limits, sha256=p.image_sha256, draft=self.draft)
         if p.embedding is None:  # else decoded for its PDQ hash only (a cached or banked embedding)
-            p.pixels = self.preprocessor.to_array(decoded.image)
+            p.pixels = self.preprocessor.to_uint8(decoded.image)  # normalised with its batch (encode)
         p.image_sha256 = decoded.sha256
         dt = time.perf_counter() - t0
         self.stats.took("decode", dt)
@@ -379,7 +379,7 @@ class Pipeline:
                 try:
                     data, p.data, p.probe = p.data, None, None
                     decoded = decode_image(data, self.decode_limits, sha256=p.image_sha256, draft=self.draft)
-                    p.pixels = self.preprocessor.to_array(decoded.image)
+                    p.pixels = self.preprocessor.to_uint8(decoded.image)
                 except ModeratorError as e:
                     p.error = e
                 except Exception as e:  # one odd image must not fail its whole batch
@@ -394,7 +394,7 @@ class Pipeline:
 
     def _encode(self, misses: list[Prepared], device_pixels) -> np.ndarray:
         if device_pixels is None:
-            return self.encoder.encode_pixels(np.stack([p.pixels for p in misses]))
+            return self.encoder.encode_uint8(np.stack([p.pixels for p in misses]))
         index, tensor = device_pixels
         return self.encoder.encode_mixed(
             tensor, [index.get(id(p)) for p in misses],
