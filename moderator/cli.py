@@ -260,6 +260,14 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size is N or WxH, not {text!r}") from None
 
 
+def _usage(message: str) -> int:
+    """A usage error found after parsing: say it, exit 2 (``moderator.errors.EXIT_USAGE``)."""
+    from moderator.errors import EXIT_USAGE
+
+    print(message, file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _cmd_bench_worker(a: argparse.Namespace) -> int:
     from moderator.worker.bench import bench_worker
 
@@ -270,13 +278,15 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
     for kv in a.set or ():
         key, sep, value = kv.partition("=")
         if not sep:
-            raise SystemExit(f"moderator bench-worker: --set takes SETTING=VALUE, not {kv!r}")
+            return _usage(f"moderator bench-worker: --set takes SETTING=VALUE, not {kv!r}")
         overrides[key.strip().lower().removeprefix("moderator_")] = value
+    if a.processes > 1:
+        return _bench_worker_processes(a)
     if a.compare_guarantees:
         from moderator.worker.bench import bench_guarantees
 
         if a.source != "kafka":
-            raise SystemExit("moderator bench-worker: --compare-guarantees needs --source kafka")
+            return _usage("moderator bench-worker: --compare-guarantees needs --source kafka")
         r = bench_guarantees(a.model, a.policy, rounds=a.compare_guarantees, events=a.events, image=a.image,
                              size=a.size, envelope=a.envelope, unique_images=a.unique_images, max_batch=a.max_batch,
                              max_wait_ms=a.max_wait_ms, partitions=a.partitions, encoder_seconds=a.encoder_seconds,
@@ -305,7 +315,8 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
                      max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
                      encoder_seconds=a.encoder_seconds, bootstrap_servers=a.bootstrap_servers, backend=a.backend,
                      latency=a.latency, latency_events=a.latency_events, latency_rate=a.latency_rate, seed_loop_model=a.seed_loop_model,
-                     profile=a.profile, profile_gil=a.profile_gil, overrides=overrides, log=lambda m: print(m, file=sys.stderr))
+                     profile=a.profile, profile_gil=a.profile_gil, overrides=overrides, start_gate=a.start_gate,
+                     log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(r))
     print(f"worker ({a.source}): {r['worker_decisions_per_s']} decisions/s; "
           f"encoder alone: {r['encoder_images_per_s']} images/s "
@@ -314,6 +325,23 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
           + (f"; x{r['ratio_worker_to_seed_loop']} the seed loop" if "ratio_worker_to_seed_loop" in r else "")
           + (f"; p99 {r['latency_at_half_rate']['p99_ms']} ms at half rate" if "latency_at_half_rate" in r else ""),
           file=sys.stderr)
+    return 0
+
+
+def _bench_worker_processes(a: argparse.Namespace) -> int:
+    from moderator.worker.bench import bench_worker_processes
+
+    clashes = [flag for flag, on in (("--source kafka", a.source != "memory"), ("--latency", a.latency),
+                                     ("--profile", a.profile), ("--seed-loop-model", a.seed_loop_model),
+                                     ("--compare-guarantees", a.compare_guarantees),
+                                     ("--compare-policy", a.compare_policy)) if on]
+    if clashes:
+        return _usage(f"moderator bench-worker: --processes runs the memory source only, without {clashes[0]}")
+    child_argv = a.argv[a.argv.index("bench-worker") + 1:]  # the parent's own flags; the last of each wins
+    r = bench_worker_processes(a.processes, child_argv, events=a.events, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(r))
+    print(f"{r['processes']} worker processes (memory): {r['worker_decisions_per_s']} decisions/s together "
+          f"(each: {r['per_process_decisions_per_s']})", file=sys.stderr)
     return 0
 
 
@@ -707,6 +735,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "what banks, PDQ or more categories cost")
     bw.add_argument("--rounds", type=int, default=2, help="rounds per policy for --compare-policy")
     bw.add_argument("--bootstrap-servers", help="use this Kafka instead of starting one")
+    bw.add_argument("--processes", type=int, default=1, metavar="N",
+                    help="memory source: N worker processes side by side (events shared, started together), "
+                         "e.g. several per GPU past one process's GIL; prints their aggregate decisions/s")
+    bw.add_argument("--start-gate", type=Path, help=argparse.SUPPRESS)  # --processes' children
     bw.set_defaults(func=_cmd_bench_worker)
 
     bd = sub.add_parser("bench-draft", help="JPEG draft on/off: held-out accuracy, pixel difference, speed",
@@ -828,6 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     from moderator.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, exit_status
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     level = logging.DEBUG if args.verbose else logging.WARNING
     log_format = args.log_format or os.environ.get("MODERATOR_LOG_FORMAT", "text")
     if log_format not in ("text", "json"):

@@ -55,6 +55,27 @@ def test_compare_policy_runs_both_and_reports_the_pdq_stage(random_model_dir, tm
     assert "pdq" in r["stages_last_round"]["other"] and "pdq" not in r["stages_last_round"]["policy"]
 
 
+def test_processes_share_the_events_start_together_and_add_up(random_model_dir):
+    """--processes N: N worker processes, each events/N, one aggregate rate over all of them."""
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "moderator.cli", "bench-worker", "--model", str(random_model_dir),
+            "--policy", str(DEMO_POLICY_PATH), "--source", "memory", "--events", "60", "--size", "40",
+            "--max-batch", "8", "--max-wait-ms", "5", "--set", "ort_threads=1"]
+    out = subprocess.run([*args, "--processes", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.splitlines()[0])
+    assert r["processes"] == 2 and r["events"] == r["decisions_in_sink"] == 60 and r["dead_letters"] == 0
+    assert len(r["per_process_decisions_per_s"]) == 2 and r["worker_decisions_per_s"] > 0
+    # one rate over the union of the measured windows: never more than the two side by side
+    assert r["worker_decisions_per_s"] <= sum(r["per_process_decisions_per_s"]) * 1.001
+    assert 0 <= r["start_spread_s"] < 5 and {"decode", "encode"} <= set(r["stage_ms_per_event"])
+    refused = subprocess.run([*args, "--processes", "2", "--latency"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "memory source only, without --latency" in refused.stderr
+
+
 def test_summarize_collapsed_counts_threads_and_leaves():
     text = ("thread (1): encode;a (x.py:1);Session.run (o.py:2) 30\n"
             "thread (2): prepare_0;a (x.py:1);ImageFile.load (i.py:3) 50\n"
@@ -155,12 +176,14 @@ def test_gpu_lease_script_runs_its_cpu_path(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": sys.executable, "ARCH": "moderator-tiny", "EVENTS": "24", "LATENCY_EVENTS": "24",
            "ENCODER_SECONDS": "0.2", "WHEELS": str(tmp_path / "no-wheels"), "ANCHOR": str(tmp_path / "none.py"),
-           "OUT": str(tmp_path / "out"), "PROFILE_IF_BEFORE_S": "0"}
+           "OUT": str(tmp_path / "out"), "PROFILE_IF_BEFORE_S": "0", "PROCESSES": "2"}
     out = subprocess.run(["bash", str(repo / "deploy/bench/gpu-lease.sh")], env=env, cwd=repo,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for name, what in (("worker-json", "base64 in json"), ("worker-raw", "raw envelope")):
         r = json.loads((tmp_path / "out" / f"{name}.json").read_text().splitlines()[0])
         assert r["decisions_in_sink"] == 48 and r["dead_letters"] == 0 and what in r["image"]
+    procs = json.loads((tmp_path / "out" / "worker-raw-procs.json").read_text().splitlines()[0])
+    assert procs["processes"] == 2 and procs["decisions_in_sink"] == 48 and procs["dead_letters"] == 0
     assert json.loads((tmp_path / "out" / "selfcheck.json").read_text())["ok"] is True
     assert "done" in (tmp_path / "out" / "lease-log.txt").read_text()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything worth measuring in one short call on a lent GPU machine (torch, torchvision, no
 # registry access): anchors (subset of gpu_anchor.py), ViT-B/32 export, the worker with GPU decode
-# for JSON and raw records (+ a py-spy profiled run when time allows), the GPU self-check.
+# for JSON and raw records, raw records on PROCESSES (4) worker processes side by side (+ a py-spy
+# profiled run when time allows), the GPU self-check.
 # ~4.5 min on an H100. Writes JSON/log files to $OUT (at most 8).
 #
 #   WHEELS (.whl): a folder of wheels for what the machine lacks (pydantic, pydantic-settings,
@@ -54,6 +55,8 @@ bw() {  # name, flags...
 GPU_FLAG=--gpu-decode; [ "$CUDA" = 1 ] || GPU_FLAG=--no-gpu-decode
 bw worker-json $GPU_FLAG --latency --latency-events "$LATENCY_EVENTS"
 bw worker-raw $GPU_FLAG --envelope raw --latency --latency-events "$LATENCY_EVENTS"
+# several worker processes on the one GPU, each its own CUDA context: past one process's GIL?
+bw worker-raw-procs $GPU_FLAG --envelope raw --processes "${PROCESSES:-4}" --events $(( EVENTS * 2 ))
 el "== self-check"
 timeout 90 $PY "$REPO/deploy/bench/gpu_selfcheck.py" --model-dir "$MODEL_DIR" --seconds 0 > "$OUT/selfcheck.json" 2> "$WORK/selfcheck.err"
 el "self-check rc=$?"

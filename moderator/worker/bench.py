@@ -23,6 +23,11 @@ ratios (the machines are noisy; absolute numbers from different runs do not).
   result line gets the top frames; ``--profile-gil`` samples only the thread holding the GIL
   (what serialises the worker's Python).
 
+- ``--processes N`` (memory source): N worker processes side by side, each with its
+  own encoder (and CUDA context), fed ``events / N`` each and started together; the
+  aggregate decisions/s is all events over first consume -> last acknowledgement
+  across them. Whether several processes per GPU get past one process's GIL.
+
 Per-stage seconds per event and process CPU seconds per event come with every run.
 """
 
@@ -303,7 +308,8 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                  backend: str = "onnx", envelope: str = "json", unique_images: int = 256,
                  latency: bool = False, latency_events: int | None = None, latency_rate: float | None = None,
                  seed_loop_model: Path | str | None = None, profile: Path | None = None, profile_gil: bool = False,
-                 overrides: dict | None = None, timeout_s: float = 900.0, log=print) -> dict:
+                 overrides: dict | None = None, timeout_s: float = 900.0, start_gate: Path | None = None,
+                 log=print) -> dict:
     from moderator.config import WorkerSettings  # noqa: PLC0415
     from moderator.encode import ImageEncoder  # noqa: PLC0415
     from moderator.worker.app import Worker  # noqa: PLC0415
@@ -366,6 +372,8 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             worker.tracker.assign([TopicPartition("bench.images", p) for p in range(partitions)])
             worker.stages.start()
             records = [e.record() for e in evs]  # (key, value, headers), as the consumer hands them over
+            if start_gate is not None:  # --processes: every process ready, then all start at once
+                _pass_gate(Path(start_gate), deadline)
             t_start = time.time()
             with Profiler(profile, gil=profile_gil) as prof:
                 cpu0 = time.process_time()
@@ -380,6 +388,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             "worker_decisions_per_s": round(rate, 1),
             "worker_seconds_first_consume_to_last_ack": round(busy, 2),
             "worker_seconds_including_startup": round(stats["last_acked_at"] - t_start, 2),
+            "measured_epoch_s": [stats["first_consumed_at"], stats["last_acked_at"]],
             "cpu_seconds_per_event_ms": round(1000 * cpu / events, 3),
             "stage_ms_per_event": {k: round(1000 * v / events, 3) for k, v in stats["stage_seconds"].items() if v},
         })
@@ -442,6 +451,90 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
         "cpus": os.cpu_count(), "machine": platform.machine(),
     })
     return result
+
+
+# --- several worker processes side by side ----------------------------------------------------------
+
+
+def _pass_gate(gate: Path, deadline: float) -> None:
+    """Say this process is ready (``ready-PID``), then wait for the parent's ``go``."""
+    (gate / f"ready-{os.getpid()}").touch()
+    while not (gate / "go").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no go from the parent in {gate}")
+        time.sleep(0.005)
+
+
+def bench_worker_processes(processes: int, child_argv: list[str], *, events: int, timeout_s: float = 900.0,
+                           log=print) -> dict:
+    """``processes`` ``moderator bench-worker --source memory`` children, ``events / processes``
+    each, started together once all have loaded their model and drawn their events. The
+    aggregate rate is every event over the first consume to the last acknowledgement of any
+    child (so a slow child counts). ``child_argv``: the bench-worker arguments each child gets
+    (the parent's own, minus ``--processes``); the children skip the encoder reference (the
+    one-process run beside this one has it)."""
+    import json  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    if processes < 2:
+        raise ValueError("processes must be at least 2")
+    share = events // processes
+    if share < 1:
+        raise ValueError(f"{events} events cannot be shared among {processes} processes")
+    deadline = time.monotonic() + timeout_s
+    with tempfile.TemporaryDirectory(prefix="moderator-bench-gate-") as tmp:
+        gate = Path(tmp)
+        cmd = [sys.executable, "-m", "moderator.cli", "bench-worker", *child_argv, "--processes", "1",
+               "--events", str(share), "--encoder-seconds", "0", "--start-gate", str(gate)]
+        outs = [gate / f"child-{i}.json" for i in range(processes)]
+        errs = [gate / f"child-{i}.err" for i in range(processes)]
+        procs = []
+        try:
+            for i in range(processes):
+                with open(outs[i], "wb") as out, open(errs[i], "wb") as err:
+                    procs.append(subprocess.Popen(cmd, stdout=out, stderr=err))
+            log(f"{processes} worker processes loading ...")
+            while len(list(gate.glob("ready-*"))) < processes:
+                failed = [i for i, p in enumerate(procs) if p.poll() is not None]
+                if failed or time.monotonic() > deadline:
+                    why = (f"child {failed[0]} exited with {procs[failed[0]].returncode}" if failed
+                           else f"not all ready in {timeout_s:.0f} s")
+                    tail = errs[failed[0] if failed else 0].read_text(errors="replace")[-1500:]
+                    raise RuntimeError(f"bench-worker --processes: {why}:\n{tail}")
+                time.sleep(0.05)
+            (gate / "go").touch()
+            log(f"{processes} worker processes started together ...")
+            for i, p in enumerate(procs):
+                rc = p.wait(max(1.0, deadline - time.monotonic()))
+                if rc != 0:
+                    raise RuntimeError(f"bench-worker --processes: child {i} exited with {rc}:\n"
+                                       + errs[i].read_text(errors="replace")[-1500:])
+            results = [json.loads(o.read_text().splitlines()[0]) for o in outs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+    first = min(r["measured_epoch_s"][0] for r in results)
+    last = max(r["measured_epoch_s"][1] for r in results)
+    total = sum(r["events"] for r in results)
+    stages = Counter()
+    for r in results:
+        stages.update({k: v * r["events"] / total for k, v in r["stage_ms_per_event"].items()})
+    return {
+        "source": "memory", "processes": processes, "events": total,
+        "dead_letters": sum(r["dead_letters"] for r in results),
+        "worker_decisions_per_s": round(total / (last - first), 1),
+        "worker_seconds_first_consume_to_last_ack": round(last - first, 2),
+        "per_process_decisions_per_s": [r["worker_decisions_per_s"] for r in results],
+        "start_spread_s": round(max(r["measured_epoch_s"][0] for r in results) - first, 3),
+        "cpu_seconds_per_event_ms": round(sum(r["cpu_seconds_per_event_ms"] * r["events"] for r in results) / total,
+                                          3),
+        "stage_ms_per_event": {k: round(v, 3) for k, v in stages.items()},
+        "decisions_in_sink": sum(r["decisions_in_sink"] for r in results),
+        **{k: results[0][k] for k in ("backend", "encoder", "max_batch", "max_wait_ms", "partitions", "image",
+                                      "unique_images", "cpus", "machine")},
+    }
 
 
 # --- delivery guarantees: what exactly-once costs ------------------------------------------------
