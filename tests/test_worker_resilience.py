@@ -45,11 +45,13 @@ def _status(port: int, path: str) -> int:
         return 0
 
 
-def _wait(cond, timeout: float, what: str, interval: float = 0.1) -> None:
+def _wait(cond, timeout: float, what: str, interval: float = 0.1, workers=()) -> None:
+    """``workers``: the WorkerProcesses whose log tails a timeout should show (a stall's cause)."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            logs = "".join(f"\n--- {w.name} (exit {w.proc.poll()}):\n{w.log()}" for w in workers)
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{logs}")
         time.sleep(interval)
 
 
@@ -92,8 +94,8 @@ class WorkerProcess:
               f"{self.name} /readyz")
         assert self.proc.poll() is None, f"{self.name} exited:\n{self.log()}"
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -152,11 +154,11 @@ def test_sigkill_restart_and_a_second_worker_joining_and_leaving_lose_nothing(
 
     a2 = worker_processes("worker-a-restarted", topics, group, random_model_dir)
     a2.wait_ready()
-    _wait(lambda: decided() >= at_kill + 30, 60, "the restarted worker to make progress")
+    _wait(lambda: decided() >= at_kill + 30, 60, "the restarted worker to make progress", workers=[a2])
     b = worker_processes("worker-b", topics, group, random_model_dir)
     b.wait_ready()  # ready = has joined the group (a rebalance moved partitions to it)
     at_join = decided()
-    _wait(lambda: decided() >= at_join + 60, 60, "progress with two workers")
+    _wait(lambda: decided() >= at_join + 60, 60, "progress with two workers", workers=[a2, b])
     assert b.stop(signal.SIGTERM) == 0, f"worker-b did not drain cleanly:\n{b.log()}"  # leaves the group
     producer.join(60)
     out = read_outputs(topics, len(events), timeout_s=120)
