@@ -10,6 +10,7 @@ to 8-bit RGB (alpha composited on white).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -134,9 +135,13 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), *, sha256: 
     return DecodedImage(rgb, digest, fmt, (w, h), mode, frames)
 
 
-def _open_formats(allowed: frozenset[str]) -> list[str]:
+@functools.lru_cache(maxsize=16)
+def _open_formats(allowed: frozenset[str]) -> tuple[str, ...]:
+    """The formats ``Image.open`` may try, in Pillow's own order (``Image.ID``: JPEG and PNG
+    early, plugins without a cheap signature check such as IM late). The order is the one a
+    plain ``Image.open`` uses; sorted by name, a PNG was tried as IM first (~20 us more each)."""
     Image.init()
-    return sorted(f for f in allowed | _ALL_KNOWN if f in Image.OPEN)
+    return tuple(f for f in Image.ID if f in allowed | _ALL_KNOWN and f in Image.OPEN)
 
 
 # Formats Pillow may identify; anything identified but not allowed is refused by name
