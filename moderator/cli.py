@@ -203,7 +203,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     from moderator.settings_cli import settings_from
     from moderator.worker import run_worker
 
-    return run_worker(settings_from(a.settings_source, a))  # main() reports invalid settings
+    return run_worker(settings_from(a.settings_source, a), argv=a.argv)  # main() reports invalid settings
 
 
 def _cmd_produce(a: argparse.Namespace) -> int:

@@ -137,6 +137,11 @@ class RedisClientSettings(BaseSettings):
         return kw
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     """Everything ``moderator run`` can be told."""
 
@@ -154,6 +159,14 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
         default=None, description="a second policy that decides every image too, on the same embedding; its "
                                   "decisions go to the shadow decisions topic only (reloaded like the policy)")
 
+    # --- worker processes ----------------------------------------------------------------
+    processes: int = Field(
+        default=1, ge=1, le=64,
+        description="worker processes in this container, each its own consumer-group member, encoder (and "
+                    "CUDA context) and GIL, behind one /metrics /healthz /readyz port; a process that dies "
+                    "is restarted. More than 1 lets one pod use many cores or feed one GPU (one process's "
+                    "Python stops near 1,000 decisions/s)")
+
     # --- image encoder -----------------------------------------------------------------
     encoder_backend: Literal["onnx", "torch"] = Field(
         default="onnx", description="image encoder runtime: onnx (ONNX Runtime; the default image has no torch) "
@@ -161,7 +174,9 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     ort_providers: CommaList = Field(
         default=[], description="ONNX Runtime execution providers in order, comma-separated; "
                                 "empty: the best this build offers")
-    ort_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: runtime default")
+    ort_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime intra-op threads; 0: runtime default. With processes > 1 "
+                                     "this is the pod's total: each worker process gets its share (at least 1)")
     ort_spin_wait: bool = Field(
         default=False, description="let ONNX Runtime's threads busy-wait between batches (faster alone, but "
                                    "it takes CPU from decoding and Kafka in the worker)")
@@ -331,12 +346,11 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
             raise ValueError("fetch_total_timeout_s must be at least fetch_connect_timeout_s")
         return self
 
-    def decode_slots(self) -> int:
-        """``decode_concurrency``, with 0 resolved from the CPUs this process may use."""
+    def decode_slots(self, cpus: int | None = None) -> int:
+        """``decode_concurrency``, with 0 resolved from ``cpus`` (default: the CPUs this process may use)."""
         if self.decode_concurrency:
             return self.decode_concurrency
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return min(4, max(1, cpus - 1))
+        return min(4, max(1, (cpus or available_cpus()) - 1))
 
     def resolved_transactional_id(self) -> str:
         return self.transactional_id or f"moderator-{self.consumer_group}-{self.client_id}"

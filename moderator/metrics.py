@@ -131,3 +131,11 @@ ASSIGNED_PARTITIONS = Gauge("moderator_assigned_partitions",
                             "input-topic partitions this worker holds (0: a ready standby, e.g. more replicas "
                             "than partitions)")
 WORKER_INFO = Info("moderator_worker", "Worker instance: client id, group, topics")
+# the supervisor's own (``--processes N``), served beside its processes' series: registry=None
+# here, registered in the supervisor's registry only (a worker process never exposes them)
+WORKER_PROCESSES = Gauge("moderator_worker_processes", "worker processes the supervisor runs (--processes)",
+                         registry=None)
+WORKER_PROCESS_RESTARTS = Counter("moderator_worker_process_restarts",
+                                  "worker processes the supervisor started again after they exited",
+                                  ["process"], registry=None)
+SUPERVISOR_ONLY = (WORKER_PROCESSES, WORKER_PROCESS_RESTARTS)

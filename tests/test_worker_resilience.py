@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -79,14 +80,14 @@ def _assert_duplicates_repeat_the_decision(decisions) -> None:
 class WorkerProcess:
     """``moderator run`` in a subprocess, configured by MODERATOR_* variables, logging JSON to a file."""
 
-    def __init__(self, name: str, env: dict, log_dir: Path, model_dir: Path) -> None:
+    def __init__(self, name: str, env: dict, log_dir: Path, model_dir: Path, policy: Path = DEMO_POLICY) -> None:
         self.name = name
         self.port = _free_port()
         self.log_path = log_dir / f"{name}.log"
         env = {**os.environ, **env, "MODERATOR_HTTP_PORT": str(self.port), "MODERATOR_CLIENT_ID": name}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moderator.cli", "run", "--model-dir", str(model_dir), "--policy", str(DEMO_POLICY)],
+            [sys.executable, "-m", "moderator.cli", "run", "--model-dir", str(model_dir), "--policy", str(policy)],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
 
     def wait_ready(self, timeout: float = 90) -> None:
@@ -111,7 +112,8 @@ def worker_processes(tmp_path, kafka_bootstrap):
     """``spawn(name, topics, group, model_dir) -> WorkerProcess``; all killed at teardown."""
     spawned: list[WorkerProcess] = []
 
-    def spawn(name: str, topics, group: str, model_dir: Path, **settings: str) -> WorkerProcess:
+    def spawn(name: str, topics, group: str, model_dir: Path, policy: Path = DEMO_POLICY,
+              **settings: str) -> WorkerProcess:
         env = {
             "MODERATOR_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "MODERATOR_INPUT_TOPIC": topics.input,
             "MODERATOR_CONSUMER_GROUP": group, "MODERATOR_DECISIONS_TOPIC": topics.decisions,
@@ -122,7 +124,7 @@ def worker_processes(tmp_path, kafka_bootstrap):
             "MODERATOR_POLICY_RELOAD_INTERVAL_S": "0", "MODERATOR_ORT_THREADS": "1", "MODERATOR_REDIS_URL": "",
             **{f"MODERATOR_{k.upper()}": v for k, v in settings.items()},
         }
-        w = WorkerProcess(name, env, tmp_path, model_dir)
+        w = WorkerProcess(name, env, tmp_path, model_dir, policy)
         spawned.append(w)
         return w
 
@@ -180,6 +182,88 @@ def test_sigkill_restart_and_a_second_worker_joining_and_leaving_lose_nothing(
     _assert_duplicates_repeat_the_decision(decisions)
     committed = kafka_offsets.committed(group, topics.input, 4)
     assert committed == kafka_offsets.end(topics.input, 4), "offsets not committed to the end after drain"
+
+
+def _get_json(port: int, path: str) -> dict:
+    import json
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
+def test_processes_share_the_group_a_killed_one_is_restarted_and_nothing_is_lost(
+        random_model_dir, stream_topics, worker_processes, read_outputs, kafka_bootstrap, kafka_offsets):
+    """``--processes 2``: two worker processes behind one ops port, each a group member. One
+    is SIGKILLed mid-load: the supervisor starts it again and every event is decided; SIGTERM
+    drains both and commits to the end."""
+    topics = stream_topics(4)
+    group = f"procs-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    events = list(synthetic_events(300, seed=9, size=48, id_prefix="procs"))
+    sup = worker_processes("supervisor", topics, group, random_model_dir, processes="2")
+    sup.wait_ready()
+    health = _get_json(sup.port, "/healthz")
+    assert [p["status"] for p in health["processes"]] == [200, 200], health
+    metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{sup.port}/metrics", timeout=5).read().decode()
+    assert "moderator_worker_processes 2.0" in metrics_text
+    assert 'moderator_worker_ready{process="0"} 1.0' in metrics_text
+    assert 'moderator_worker_ready{process="1"} 1.0' in metrics_text
+
+    producer = threading.Thread(target=produce, args=(kafka_bootstrap, topics.input, events),
+                                kwargs={"rate": 40.0}, daemon=True)
+    producer.start()
+
+    def decided() -> int:
+        return sum(kafka_offsets.end(topics.decisions, 4).values())
+
+    _wait(lambda: decided() >= 60, 60, "decisions from two processes", workers=[sup])
+    victim = health["processes"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    _wait(lambda: (lambda h: h["processes"][0]["restarts"] == 1 and h["processes"][0]["pid"] != victim
+                   and h["status"] == "ok")(_get_json(sup.port, "/healthz")), 90,
+          "the killed process to be started again", workers=[sup])
+    assert _get_json(sup.port, "/healthz")["processes"][0]["last_exit_status"] == -signal.SIGKILL
+    producer.join(60)
+    out = read_outputs(topics, len(events), timeout_s=120)
+    metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{sup.port}/metrics", timeout=5).read().decode()
+    assert 'moderator_worker_process_restarts_total{process="0"} 1.0' in metrics_text
+    assert sup.stop(signal.SIGTERM) == 0, sup.log()
+
+    decisions = out[topics.decisions]
+    missing = sorted({e.id for e in events} - {v["event_id"] for _, v in decisions})
+    assert not missing, f"{len(missing)} events never decided, e.g. {missing[:5]}"
+    assert out[topics.dead_letter] == []
+    dups = _duplicates(decisions)
+    assert sum(dups.values()) <= 16 * 4, dups  # one kill: at most a batch per partition redone
+    _assert_duplicates_repeat_the_decision(decisions)
+    assert {v["model_sha256"] for _, v in decisions} == {decisions[0][1]["model_sha256"]}
+    assert kafka_offsets.committed(group, topics.input, 4) == kafka_offsets.end(topics.input, 4)
+    log_text = sup.log_path.read_text(errors="replace")
+    assert "worker process 0 exited with -9: starting it again" in log_text
+
+
+def test_a_configuration_error_in_a_process_stops_them_all_with_its_status(
+        random_model_dir, stream_topics, worker_processes, tmp_path):
+    """A child that exits with 2 (usage or configuration) would fail the same way again: the
+    supervisor stops the others and exits 2 instead of restarting it forever."""
+    bad = tmp_path / "bad-policy.yaml"
+    bad.write_text("version: [unclosed\n")
+    sup = worker_processes("supervisor-bad", stream_topics(1), f"bad-{os.getpid()}", random_model_dir,
+                           policy=bad, processes="2")
+    assert sup.proc.wait(120) == 2, sup.log()
+    assert "exited with 2 (usage or configuration error): stopping" in sup.log(20_000)
+
+
+def test_child_resources_share_the_pods_cpus():
+    from moderator.config import WorkerSettings
+    from moderator.worker.supervisor import child_resources
+
+    assert child_resources(WorkerSettings(processes=4), 4, cpus=16) == (4, 3)
+    assert child_resources(WorkerSettings(processes=2), 2, cpus=2) == (1, 1)
+    assert child_resources(WorkerSettings(processes=3, ort_threads=8), 3) == (3, 2)  # the chart's CPU request
+    assert child_resources(WorkerSettings(processes=2, decode_concurrency=6), 2, cpus=16) == (8, 6)
 
 
 CHAOS_WORKERS, CHAOS_PARTITIONS, CHAOS_KILLS, CHAOS_MAX_BATCH, CHAOS_RATE = 3, 6, 3, 16, 60.0

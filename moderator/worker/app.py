@@ -454,14 +454,21 @@ class Worker:
             log.warning("producer close: %s", e)
 
 
-def run_worker(settings: WorkerSettings) -> int:
-    """``moderator run``: JSON logs, SIGTERM/SIGINT drain (a second signal exits at once), serve."""
+def run_worker(settings: WorkerSettings, argv: list[str] | None = None) -> int:
+    """``moderator run``: JSON logs, SIGTERM/SIGINT drain (a second signal exits at once), serve.
+    With ``processes`` > 1, a supervisor of that many worker processes, each started with
+    ``argv`` (the command line after the program name; default ``["run"]``: settings from the
+    environment) plus its own flags."""
     import os  # noqa: PLC0415
     import signal  # noqa: PLC0415
 
     from moderator.logs import configure_logging, service_fields  # noqa: PLC0415
 
     configure_logging(settings.log_level, settings.log_json, service_fields(settings.client_id))
+    if settings.processes > 1:
+        from moderator.worker.supervisor import run_supervisor  # noqa: PLC0415
+
+        return run_supervisor(settings, argv if argv is not None else ["run"])
     try:
         worker = Worker(settings)
     except ModeratorError as e:  # model, policy, Redis credentials: the CLI prints it and exits 2
@@ -479,4 +486,26 @@ def run_worker(settings: WorkerSettings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    _watch_supervisor(worker)
     return worker.run()
+
+
+def _watch_supervisor(worker: Worker) -> None:
+    """A worker process started by ``--processes`` drains and exits when its supervisor dies
+    (SIGKILL, OOM kill) instead of running on unsupervised; it is then re-parented."""
+    import os  # noqa: PLC0415
+
+    from moderator.worker.supervisor import SUPERVISOR_PID_ENV  # noqa: PLC0415
+
+    try:
+        supervisor = int(os.environ.get(SUPERVISOR_PID_ENV, ""))
+    except ValueError:  # not started by a supervisor
+        return
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1.0)
+        log.error("the supervisor (pid %s) is gone: draining", supervisor, extra={"event": "supervisor_gone"})
+        worker.request_stop()
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()

@@ -18,14 +18,14 @@ Probe = Callable[[], tuple[bool, dict]]
 class OpsServer:
     """Serves in a daemon thread; ``port`` is the bound port (useful with port 0)."""
 
-    def __init__(self, host: str, port: int, *, health: Probe, ready: Probe) -> None:
+    def __init__(self, host: str, port: int, *, health: Probe, ready: Probe, registry=REGISTRY) -> None:
         probes = {"/healthz": health, "/readyz": ready}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif path in probes:
                     try:
                         ok, detail = probes[path]()
