@@ -254,18 +254,22 @@ class Supervisor:
         for c in running:
             c.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.s.shutdown_grace_s + 15.0
-        statuses = [] if self._fatal is None else [self._fatal]
+        statuses = []
         for c in running:
             try:
-                statuses.append(c.proc.wait(max(0.1, deadline - time.monotonic())))
+                rc = c.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error("worker process %d did not stop in time: killing it", c.index)
                 c.proc.kill()
-                statuses.append(c.proc.wait())
+                rc = c.proc.wait()
+            # still starting (no handler yet), it died of the SIGTERM asked of it: stopped, not failed
+            statuses.append(0 if rc == -signal.SIGTERM else rc)
         if self._signals > 1:
             return EXIT_INTERRUPTED
-        bad = [rc for rc in statuses if rc != 0]
-        status = max((abs(rc) for rc in bad), default=0)
+        if self._fatal is not None:  # the configuration error that stopped them all
+            status = self._fatal
+        else:
+            status = max((abs(rc) for rc in statuses if rc != 0), default=0)
         log.info("supervisor stopped", extra={"event": "supervisor_stopped", "status": status})
         return status
 
