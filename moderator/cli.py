@@ -281,7 +281,7 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
             return _usage(f"moderator bench-worker: --set takes SETTING=VALUE, not {kv!r}")
         overrides[key.strip().lower().removeprefix("moderator_")] = value
     if a.processes > 1:
-        return _bench_worker_processes(a)
+        return _bench_worker_processes(a, overrides)
     if a.compare_guarantees:
         from moderator.worker.bench import bench_guarantees
 
@@ -328,15 +328,26 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_worker_processes(a: argparse.Namespace) -> int:
-    from moderator.worker.bench import bench_worker_processes
+def _bench_worker_processes(a: argparse.Namespace, overrides: dict) -> int:
+    from moderator.worker.bench import bench_run_processes, bench_worker_processes
 
-    clashes = [flag for flag, on in (("--source kafka", a.source != "memory"), ("--latency", a.latency),
+    clashes = [flag for flag, on in (("--latency", a.latency),
                                      ("--profile", a.profile), ("--seed-loop-model", a.seed_loop_model),
                                      ("--compare-guarantees", a.compare_guarantees),
                                      ("--compare-policy", a.compare_policy)) if on]
     if clashes:
-        return _usage(f"moderator bench-worker: --processes runs the memory source only, without {clashes[0]}")
+        return _usage(f"moderator bench-worker: --processes runs without {clashes[0]}")
+    if a.source == "kafka":
+        r = bench_run_processes(a.model, a.policy, processes=a.processes, events=a.events, image=a.image,
+                                size=a.size, envelope=a.envelope, unique_images=a.unique_images,
+                                max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
+                                encoder_seconds=a.encoder_seconds, bootstrap_servers=a.bootstrap_servers,
+                                overrides=overrides, log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(r))
+        print(f"moderator run through Kafka: 1 process {r['runs']['1']['worker_decisions_per_s']} decisions/s, "
+              f"{a.processes} processes {r['runs'][str(a.processes)]['worker_decisions_per_s']} "
+              f"({r['ratio_processes_to_one']}x)", file=sys.stderr)
+        return 0
     child_argv = a.argv[a.argv.index("bench-worker") + 1:]  # the parent's own flags; the last of each wins
     r = bench_worker_processes(a.processes, child_argv, events=a.events, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(r))
@@ -737,7 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--bootstrap-servers", help="use this Kafka instead of starting one")
     bw.add_argument("--processes", type=int, default=1, metavar="N",
                     help="memory source: N worker processes side by side (events shared, started together), "
-                         "e.g. several per GPU past one process's GIL; prints their aggregate decisions/s")
+                         "e.g. several per GPU past one process's GIL; prints their aggregate decisions/s. "
+                         "kafka source: `moderator run` as 1 and as N processes (--processes), same events")
     bw.add_argument("--start-gate", type=Path, help=argparse.SUPPRESS)  # --processes' children
     bw.set_defaults(func=_cmd_bench_worker)
 

@@ -73,7 +73,23 @@ def test_processes_share_the_events_start_together_and_add_up(random_model_dir):
     assert r["worker_decisions_per_s"] <= sum(r["per_process_decisions_per_s"]) * 1.001
     assert 0 <= r["start_spread_s"] < 5 and {"decode", "encode"} <= set(r["stage_ms_per_event"])
     refused = subprocess.run([*args, "--processes", "2", "--latency"], capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "memory source only, without --latency" in refused.stderr
+    assert refused.returncode == 2 and "--processes runs without --latency" in refused.stderr
+
+
+def test_run_processes_through_kafka_measures_one_and_n_processes(random_model_dir, kafka_bootstrap):
+    """--processes N --source kafka: the real `moderator run`, as 1 and as N processes, every
+    event decided by each, rates counted after the producer finished."""
+    from moderator.worker.bench import bench_run_processes
+
+    r = bench_run_processes(random_model_dir, DEMO_POLICY_PATH, processes=2, events=600, size=(40, 40),
+                            max_batch=8, max_wait_ms=5, partitions=2, encoder_seconds=0.1,
+                            bootstrap_servers=kafka_bootstrap, overrides={"ort_threads": 1}, log=lambda m: None)
+    assert set(r["runs"]) == {"1", "2"}
+    for run in r["runs"].values():
+        assert run["exit_status"] == 0 and run["decisions"] == 600, run
+        assert 0 < run["decisions_measured"] <= 600 and run["worker_decisions_per_s"] > 0
+        assert run["ratio_worker_to_encoder_with_preprocess"] > 0 and run["cpu_seconds_per_event_ms"] > 0
+    assert r["ratio_processes_to_one"] > 0
 
 
 def test_summarize_collapsed_counts_threads_and_leaves():

@@ -21,6 +21,9 @@ bw() {  # name, bench-worker flags...
 bw demo-kafka --model "$DEMO" --policy moderator/data/policies/demo.yaml --source kafka --events "$EVENTS" --latency \
   --profile "$OUT_DIR/demo-kafka.profile.txt"
 bw demo-memory --model "$DEMO" --policy moderator/data/policies/demo.yaml --source memory --events "$EVENTS" --latency
+# `moderator run` itself through Kafka, as 1 process and as 2 (--processes: one per core here)
+bw demo-kafka-processes --model "$DEMO" --policy moderator/data/policies/demo.yaml --source kafka --processes 2 \
+  --events $((EVENTS * 3 / 2)) --partitions 4
 bw demo-memory-jpeg --model "$DEMO" --policy moderator/data/policies/demo.yaml --source memory --events 1000 \
   --image jpeg --size 1024x768
 bw demo-memory-jpeg-nodraft --model "$DEMO" --policy moderator/data/policies/demo.yaml --source memory --events 1000 \
@@ -44,6 +47,13 @@ out = pathlib.Path(sys.argv[1])
 print(f"{'run':26} {'decisions/s':>11} {'encoder':>9} {'enc+pre':>9} {'ratio':>6} {'ratio+pre':>9} {'cpu ms/ev':>9} {'p99 ms':>7} {'x seed':>7}")
 for p in sorted(out.glob("*.json")):
     if p.stem == "draft":
+        continue
+    if "runs" in json.loads(p.read_text().splitlines()[0]):  # --processes through Kafka: one row per run
+        r = json.loads(p.read_text().splitlines()[0])
+        for n, run in r["runs"].items():
+            print(f"{p.stem + ' x' + n:26} {run['worker_decisions_per_s']:>11} {r['encoder_images_per_s']:>9} "
+                  f"{r['encoder_with_preprocess_images_per_s']:>9} {'-':>6} "
+                  f"{run['ratio_worker_to_encoder_with_preprocess']:>9} {run['cpu_seconds_per_event_ms']:>9} {'-':>7} {'-':>7}")
         continue
     r = json.loads(p.read_text().splitlines()[0])
     lat = r.get("latency_at_half_rate", {})

@@ -27,6 +27,9 @@ ratios (the machines are noisy; absolute numbers from different runs do not).
   own encoder (and CUDA context), fed ``events / N`` each and started together; the
   aggregate decisions/s is all events over first consume -> last acknowledgement
   across them. Whether several processes per GPU get past one process's GIL.
+- ``--processes N --source kafka``: ``moderator run`` itself as a subprocess, once as
+  one process and once as N (the supervisor), each on pre-loaded events of its own
+  topic; decisions/s from the decision records' timestamps.
 
 Per-stage seconds per event and process CPU seconds per event come with every run.
 """
@@ -535,6 +538,135 @@ def bench_worker_processes(processes: int, child_argv: list[str], *, events: int
         **{k: results[0][k] for k in ("backend", "encoder", "max_batch", "max_wait_ms", "partitions", "image",
                                       "unique_images", "cpus", "machine")},
     }
+
+
+def _free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http_status(port: int, path: str) -> int:
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def bench_run_processes(model_dir: Path | str, policy: Path | str, *, processes: int, events: int = 4000,
+                        image: str = "png", size: tuple[int, int] = (96, 96), envelope: str = "json",
+                        unique_images: int = 256, max_batch: int = 32, max_wait_ms: int = 50, partitions: int = 4,
+                        encoder_seconds: float = 5.0, bootstrap_servers: str | None = None,
+                        overrides: dict | None = None, timeout_s: float = 900.0, log=print) -> dict:
+    """``moderator run`` itself, as one process and then as ``processes`` (the supervisor), each
+    on its own topic of a real broker: once ready, the events are produced as fast as they go;
+    decisions/s counts the decision records timestamped after the producer finished (start-up
+    and the producer's CPU left out); process CPU per event (start-up included); the encoder on
+    the same images before and after, as in ``bench_worker``."""
+    import tempfile  # noqa: PLC0415
+
+    from kafka import KafkaConsumer, TopicPartition  # noqa: PLC0415
+
+    from moderator.encode import ImageEncoder  # noqa: PLC0415
+    from moderator.produce import ensure_topics, produce  # noqa: PLC0415
+
+    if processes < 2:
+        raise ValueError("processes must be at least 2 (one process is always run for comparison)")
+    log(f"drawing {events} {image} events at {size[0]}x{size[1]} ...")
+    evs = bench_events(events, image, size, seed=7, id_prefix="run", unique=unique_images, envelope=envelope)
+    images = [e.image for e in evs[:256]]
+    reference = ImageEncoder(Path(model_dir))
+    enc_before = _encoder_rates(reference, images, max_batch, encoder_seconds)
+    result: dict = {"source": "kafka", "method": "moderator run as a subprocess, ready before the events are "
+                    "produced; decisions/s over the decision records timestamped after the last event was "
+                    "acknowledged (the producer done), to the last decision", "runs": {}}
+    with contextlib.ExitStack() as stack:
+        if bootstrap_servers is None:
+            from moderator.devservices import services  # noqa: PLC0415
+
+            bootstrap_servers = stack.enter_context(services(kafka=True, redis=False)).kafka_bootstrap
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moderator-bench-run-")))
+        for n in (1, processes):
+            run = f"bench-run-{uuid.uuid4().hex[:8]}"
+            ensure_topics(bootstrap_servers, {f"{run}.images": partitions, f"{run}.decisions": partitions,
+                                              f"{run}.flagged": 1, f"{run}.review": 1, f"{run}.dead-letter": 1})
+            port = _free_port()
+            env = {**os.environ, **{f"MODERATOR_{k.upper()}": str(v) for k, v in (overrides or {}).items()},
+                   "MODERATOR_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers, "MODERATOR_INPUT_TOPIC": f"{run}.images",
+                   "MODERATOR_CONSUMER_GROUP": run, "MODERATOR_DECISIONS_TOPIC": f"{run}.decisions",
+                   "MODERATOR_FLAGGED_TOPIC": f"{run}.flagged", "MODERATOR_REVIEW_TOPIC": f"{run}.review",
+                   "MODERATOR_DEAD_LETTER_TOPIC": f"{run}.dead-letter", "MODERATOR_REDIS_URL": "",
+                   "MODERATOR_HTTP_HOST": "127.0.0.1", "MODERATOR_HTTP_PORT": str(port),
+                   "MODERATOR_POLICY_RELOAD_INTERVAL_S": "0", "MODERATOR_MAX_BATCH": str(max_batch),
+                   "MODERATOR_MAX_WAIT_MS": str(max_wait_ms), "MODERATOR_PROCESSES": str(n)}
+            cpu0 = os.times()
+            with open(logs / f"{run}.log", "wb") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "moderator", "run", "--model-dir", str(model_dir),
+                                         "--policy", str(policy)], env=env, stdout=out, stderr=subprocess.STDOUT)
+            reader = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+            tps = [TopicPartition(f"{run}.decisions", p) for p in range(partitions)]
+            deadline = time.monotonic() + timeout_s
+            try:
+                while _http_status(port, "/readyz") != 200:  # every process joined: start-up is over
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"moderator run --processes {n} never got ready ({proc.poll()}):\n"
+                                           + (logs / f"{run}.log").read_text(errors="replace")[-2000:])
+                    time.sleep(0.2)
+                log(f"moderator run --processes {n}: ready; {events} events as fast as they go ...")
+                produce(bootstrap_servers, f"{run}.images", evs)
+                loaded_ms = time.time() * 1000  # counted from here: the producer no longer takes CPU
+                while sum(reader.end_offsets(tps).values()) < events:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"moderator run --processes {n} stopped early ({proc.poll()}):\n"
+                                           + (logs / f"{run}.log").read_text(errors="replace")[-2000:])
+                    time.sleep(0.2)
+                proc.send_signal(signal.SIGTERM)
+                rc = proc.wait(120)
+                cpu = sum(os.times()[2:4]) - sum(cpu0[2:4])  # children's user + system (waited for)
+                reader.assign(tps)
+                reader.seek_to_beginning(*tps)
+                stamps: list[int] = []
+                while len(stamps) < events:
+                    got = reader.poll(timeout_ms=1000)
+                    if not got:
+                        break
+                    stamps += [r.timestamp for recs in got.values() for r in recs]
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+                reader.close()
+            after = sorted(t for t in stamps if t >= loaded_ms)
+            if len(after) < max(2, events // 10):
+                raise RuntimeError(f"only {len(after)} of {events} decisions came after the events were loaded: "
+                                   "use more --events")
+            span = (after[-1] - loaded_ms) / 1000
+            result["runs"][str(n)] = {"processes": n, "exit_status": rc, "decisions": len(stamps),
+                                      "decisions_measured": len(after),
+                                      "worker_decisions_per_s": round(len(after) / span, 1),
+                                      "cpu_seconds_per_event_ms": round(1000 * cpu / events, 3)}
+    enc_after = _encoder_rates(reference, images, max_batch, encoder_seconds)
+    enc = {k: round((enc_before[k] + enc_after[k]) / 2, 1) for k in enc_before}
+    result.update(enc)
+    result["encoder_spread_before_after"] = {k: [enc_before[k], enc_after[k]] for k in enc_before}
+    for r in result["runs"].values():
+        r["ratio_worker_to_encoder_with_preprocess"] = round(
+            r["worker_decisions_per_s"] / enc["encoder_with_preprocess_images_per_s"], 3)
+    one, many = result["runs"]["1"], result["runs"][str(processes)]
+    result["ratio_processes_to_one"] = round(many["worker_decisions_per_s"] / one["worker_decisions_per_s"], 2)
+    result.update({"events": events, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "partitions": partitions,
+                   "image": f"{size[0]}x{size[1]} {image.upper()}, " + (
+                       "the record value (raw envelope)" if envelope == "raw" else f"base64 in {envelope}"),
+                   "cpus": os.cpu_count(), "machine": platform.machine()})
+    return result
 
 
 # --- delivery guarantees: what exactly-once costs ------------------------------------------------
