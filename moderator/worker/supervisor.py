@@ -40,7 +40,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -86,7 +87,6 @@ class Child:
     backoff_s: float = BACKOFF_S[0]
     restart_at: float | None = None  # exited: started again at this time
     last_status: int | None = None
-    extra: list[str] = field(default_factory=list)
 
     @property
     def pid(self) -> int | None:
@@ -113,10 +113,10 @@ class ChildrenCollector:
 
     def collect(self):
         families: dict[str, Metric] = {}
-        for child in self.children:
-            if not child.alive():
-                continue
-            status, body = child.get("/metrics")
+        alive = [c for c in self.children if c.alive()]
+        with ThreadPoolExecutor(max(1, len(alive)), thread_name_prefix="scrape") as pool:  # in parallel
+            scraped = list(pool.map(lambda c: c.get("/metrics"), alive))
+        for child, (status, body) in zip(alive, scraped):
             if status != 200:
                 continue
             try:
@@ -214,9 +214,12 @@ class Supervisor:
     # -- probes ------------------------------------------------------------------------------------
 
     def _probe(self, path: str) -> tuple[bool, dict]:
+        """Every child asked at once: the answer comes within one child's timeout, inside the
+        kubelet's probe timeout, however many children there are."""
+        with ThreadPoolExecutor(len(self.children), thread_name_prefix="probe") as pool:
+            statuses = list(pool.map(lambda c: c.get(path)[0] if c.alive() else 0, self.children))
         procs, ok = [], True
-        for c in self.children:
-            status = c.get(path)[0] if c.alive() else 0
+        for c, status in zip(self.children, statuses):
             ok &= status == 200
             procs.append({"process": c.index, "pid": c.pid, "client_id": c.client_id, "status": status,
                           "restarts": c.restarts, "last_exit_status": c.last_status})
