@@ -8,13 +8,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,25 +22,14 @@ from moderator import metrics
 from moderator.devservices import LocalKafka
 from moderator.produce import ensure_topics, produce, synthetic_events
 from moderator.resources import DEMO_POLICY
+from moderator.worker.http import free_loopback_port, local_get
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _status(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
+    return local_get(port, path)[0]
 
 
 def _wait(cond, timeout: float, what: str, interval: float = 0.1, workers=()) -> None:
@@ -82,7 +68,7 @@ class WorkerProcess:
 
     def __init__(self, name: str, env: dict, log_dir: Path, model_dir: Path, policy: Path = DEMO_POLICY) -> None:
         self.name = name
-        self.port = _free_port()
+        self.port = free_loopback_port()
         self.log_path = log_dir / f"{name}.log"
         env = {**os.environ, **env, "MODERATOR_HTTP_PORT": str(self.port), "MODERATOR_CLIENT_ID": name}
         self._log = open(self.log_path, "wb")
@@ -187,11 +173,7 @@ def test_sigkill_restart_and_a_second_worker_joining_and_leaving_lose_nothing(
 def _get_json(port: int, path: str) -> dict:
     import json
 
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
+    return json.loads(local_get(port, path, timeout=5)[1])
 
 
 def test_processes_share_the_group_a_killed_one_is_restarted_and_nothing_is_lost(
@@ -206,7 +188,7 @@ def test_processes_share_the_group_a_killed_one_is_restarted_and_nothing_is_lost
     sup.wait_ready()
     health = _get_json(sup.port, "/healthz")
     assert [p["status"] for p in health["processes"]] == [200, 200], health
-    metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{sup.port}/metrics", timeout=5).read().decode()
+    metrics_text = local_get(sup.port, "/metrics", timeout=5)[1].decode()
     assert "moderator_worker_processes 2.0" in metrics_text
     assert 'moderator_worker_ready{process="0"} 1.0' in metrics_text
     assert 'moderator_worker_ready{process="1"} 1.0' in metrics_text
@@ -227,7 +209,7 @@ def test_processes_share_the_group_a_killed_one_is_restarted_and_nothing_is_lost
     assert _get_json(sup.port, "/healthz")["processes"][0]["last_exit_status"] == -signal.SIGKILL
     producer.join(60)
     out = read_outputs(topics, len(events), timeout_s=120)
-    metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{sup.port}/metrics", timeout=5).read().decode()
+    metrics_text = local_get(sup.port, "/metrics", timeout=5)[1].decode()
     assert 'moderator_worker_process_restarts_total{process="0"} 1.0' in metrics_text
     assert sup.stop(signal.SIGTERM) == 0, sup.log()
 

@@ -540,27 +540,6 @@ def bench_worker_processes(processes: int, child_argv: list[str], *, events: int
     }
 
 
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _http_status(port: int, path: str) -> int:
-    import urllib.error  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-
-
 def bench_run_processes(model_dir: Path | str, policy: Path | str, *, processes: int, events: int = 4000,
                         image: str = "png", size: tuple[int, int] = (96, 96), envelope: str = "json",
                         unique_images: int = 256, max_batch: int = 32, max_wait_ms: int = 50, partitions: int = 4,
@@ -577,6 +556,7 @@ def bench_run_processes(model_dir: Path | str, policy: Path | str, *, processes:
 
     from moderator.encode import ImageEncoder  # noqa: PLC0415
     from moderator.produce import ensure_topics, produce  # noqa: PLC0415
+    from moderator.worker.http import free_loopback_port, local_get  # noqa: PLC0415
 
     if processes < 2:
         raise ValueError("processes must be at least 2 (one process is always run for comparison)")
@@ -598,7 +578,7 @@ def bench_run_processes(model_dir: Path | str, policy: Path | str, *, processes:
             run = f"bench-run-{uuid.uuid4().hex[:8]}"
             ensure_topics(bootstrap_servers, {f"{run}.images": partitions, f"{run}.decisions": partitions,
                                               f"{run}.flagged": 1, f"{run}.review": 1, f"{run}.dead-letter": 1})
-            port = _free_port()
+            port = free_loopback_port()
             env = {**os.environ, **{f"MODERATOR_{k.upper()}": str(v) for k, v in (overrides or {}).items()},
                    "MODERATOR_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers, "MODERATOR_INPUT_TOPIC": f"{run}.images",
                    "MODERATOR_CONSUMER_GROUP": run, "MODERATOR_DECISIONS_TOPIC": f"{run}.decisions",
@@ -615,7 +595,7 @@ def bench_run_processes(model_dir: Path | str, policy: Path | str, *, processes:
             tps = [TopicPartition(f"{run}.decisions", p) for p in range(partitions)]
             deadline = time.monotonic() + timeout_s
             try:
-                while _http_status(port, "/readyz") != 200:  # every process joined: start-up is over
+                while local_get(port, "/readyz")[0] != 200:  # every process joined: start-up is over
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"moderator run --processes {n} never got ready ({proc.poll()}):\n"
                                            + (logs / f"{run}.log").read_text(errors="replace")[-2000:])

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -59,3 +62,21 @@ class OpsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 at this instant (for a process about to bind it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET ``path`` from an ops port on 127.0.0.1: (status, body); status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""

@@ -33,13 +33,10 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -51,7 +48,7 @@ from moderator import metrics
 from moderator.config import WorkerSettings, available_cpus
 from moderator.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from moderator.settings_cli import flag_of
-from moderator.worker.http import OpsServer
+from moderator.worker.http import OpsServer, free_loopback_port, local_get
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +56,6 @@ SUPERVISOR_PID_ENV = "MODERATOR_SUPERVISOR_PID"  # set in each child: not a sett
 BACKOFF_S = (1.0, 30.0)  # first restart delay, the most it doubles to
 STABLE_S = 60.0  # up this long: the next failure starts the backoff over
 PROBE_TIMEOUT_S = 2.0
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_resources(s: WorkerSettings, processes: int, cpus: int | None = None) -> tuple[int, int]:
@@ -96,13 +87,7 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=PROBE_TIMEOUT_S) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except OSError:
-            return 0, b""
+        return local_get(self.port, path, PROBE_TIMEOUT_S)
 
 
 class ChildrenCollector:
@@ -167,7 +152,7 @@ class Supervisor:
         return [sys.executable, "-m", "moderator", *self.argv, *flags]
 
     def _spawn(self, child: Child) -> None:
-        child.port = _free_loopback_port()
+        child.port = free_loopback_port()
         cmd = self.child_command(child)
         # logs: this container's stdout/stderr. Own session: a terminal's Ctrl-C reaches the supervisor
         # only, which passes one SIGTERM on (a second signal would make a child skip its drain); a
