@@ -56,6 +56,8 @@ SUPERVISOR_PID_ENV = "MODERATOR_SUPERVISOR_PID"  # set in each child: not a sett
 BACKOFF_S = (1.0, 30.0)  # first restart delay, the most it doubles to
 STABLE_S = 60.0  # up this long: the next failure starts the backoff over
 PROBE_TIMEOUT_S = 2.0
+STARTING_S = 600.0  # a started process may load its model this long before its silence is a failure
+SILENT_S = 10.0  # an answering process silent this long hangs (shorter: dying, or a slow moment)
 
 
 def child_resources(s: WorkerSettings, processes: int, cpus: int | None = None) -> tuple[int, int]:
@@ -78,6 +80,8 @@ class Child:
     backoff_s: float = BACKOFF_S[0]
     restart_at: float | None = None  # exited: started again at this time
     last_status: int | None = None
+    answered: bool = False  # its /healthz has answered 200 since it was (re)started
+    silent_since: float | None = None  # answered before, not now: since when
 
     @property
     def pid(self) -> int | None:
@@ -159,7 +163,7 @@ class Supervisor:
         # child whose supervisor dies (SIGKILL) notices it (SUPERVISOR_PID_ENV) and drains.
         child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
                                       env={**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())})
-        child.started, child.restart_at = time.monotonic(), None
+        child.started, child.restart_at, child.answered, child.silent_since = time.monotonic(), None, False, None
         log.info("worker process %d started (pid %d)", child.index, child.proc.pid,
                  extra={"event": "process_started", "worker_process": child.index, "pid": child.proc.pid,
                         "client_id": child.client_id})
@@ -211,8 +215,28 @@ class Supervisor:
         return ok, {"processes": procs}
 
     def health(self) -> tuple[bool, dict]:
-        """Alive: every child is running and answers ``/healthz``."""
-        return self._probe("/healthz")
+        """Alive unless a process hangs: each one answers ``/healthz``, or is still loading its
+        model (silent for up to ``STARTING_S`` after its start), or has exited and waits for its
+        restart (the supervisor's job, not the kubelet's: restarting the pod would stop the
+        healthy ones too), or stopped answering less than ``SILENT_S`` ago (dying, or a slow
+        moment). A process that crash-loops shows as not ready, with its exit status."""
+        _, detail = self._probe("/healthz")
+        now, ok = time.monotonic(), True
+        for c, d in zip(self.children, detail["processes"]):
+            if d["status"] == 200:
+                c.answered, c.silent_since = True, None
+                state = "up"
+            elif not c.alive() and not self._stop.is_set():  # exited: the watch loop starts it again
+                state = "restarting"
+            elif not c.answered:
+                state = "starting"
+                ok &= now - c.started < STARTING_S
+            else:  # answered before: dying (the watch loop restarts it) or hung (past SILENT_S)
+                c.silent_since = c.silent_since or now
+                state = "not answering"
+                ok &= now - c.silent_since < SILENT_S
+            d["state"] = state
+        return ok, detail
 
     def ready(self) -> tuple[bool, dict]:
         """Ready: every child answers ``/readyz`` (joined its group, not stopping)."""
