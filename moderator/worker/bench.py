@@ -28,8 +28,9 @@ ratios (the machines are noisy; absolute numbers from different runs do not).
   aggregate decisions/s is all events over first consume -> last acknowledgement
   across them. Whether several processes per GPU get past one process's GIL.
 - ``--processes N --source kafka``: ``moderator run`` itself as a subprocess, once as
-  one process and once as N (the supervisor), each on pre-loaded events of its own
-  topic; decisions/s from the decision records' timestamps.
+  one process and once as N (the supervisor), each on its own topic, the events
+  produced once it is ready; decisions/s from the decision records' timestamps after
+  the producer finished.
 
 Per-stage seconds per event and process CPU seconds per event come with every run.
 """
@@ -250,6 +251,18 @@ def _encoder_rates(encoder, images: list[bytes], batch: int, min_seconds: float)
             "encoder_with_preprocess_images_per_s": round(with_pre, 1)}
 
 
+def _encoder_reference(before: dict, after: dict) -> dict:
+    """``_encoder_rates`` before and after the worker ran: their means, and the spread (on a
+    shared machine one measurement alone can be off by 2x)."""
+    return {**{k: round((before[k] + after[k]) / 2, 1) for k in before},
+            "encoder_spread_before_after": {k: [before[k], after[k]] for k in before}}
+
+
+def _image_label(image: str, size: tuple[int, int], envelope: str) -> str:
+    return f"{size[0]}x{size[1]} {image.upper()}, " + (
+        "the record value (raw envelope)" if envelope == "raw" else f"base64 in {envelope}")
+
+
 SEED_LOOP_PROMPTS = ("a photo of graphic violence", "a photo of a weapon", "a photo of nudity",
                      "a photo of drugs", "a photo of hate symbols", "a safe photo")
 
@@ -436,9 +449,8 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             result["decisions_in_sink"] = sink.decisions
         log("measuring the image encoder alone on the same images (after the worker) ...")
         enc_after = _encoder_rates(reference, images, max_batch, encoder_seconds)
-    enc = {k: round((enc_before[k] + enc_after[k]) / 2, 1) for k in enc_before}
+    enc = _encoder_reference(enc_before, enc_after)
     result.update(enc)
-    result["encoder_spread_before_after"] = {k: [enc_before[k], enc_after[k]] for k in enc_before}
     result["ratio_worker_to_encoder"] = round(rate / enc["encoder_images_per_s"], 3)
     result["ratio_worker_to_encoder_with_preprocess"] = round(rate / enc["encoder_with_preprocess_images_per_s"], 3)
     if seed_loop_model is not None:
@@ -448,8 +460,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
         result["ratio_worker_to_seed_loop"] = round(rate / seed, 2)
     result.update({
         "backend": backend, "encoder": encoder_info, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-        "partitions": partitions, "image": f"{size[0]}x{size[1]} {image.upper()}, " + (
-            "the record value (raw envelope)" if envelope == "raw" else f"base64 in {envelope}"),
+        "partitions": partitions, "image": _image_label(image, size, envelope),
         "unique_images": min(events, unique_images),
         "cpus": os.cpu_count(), "machine": platform.machine(),
     })
@@ -634,18 +645,15 @@ def bench_run_processes(model_dir: Path | str, policy: Path | str, *, processes:
                                       "worker_decisions_per_s": round(len(after) / span, 1),
                                       "cpu_seconds_per_event_ms": round(1000 * cpu / events, 3)}
     enc_after = _encoder_rates(reference, images, max_batch, encoder_seconds)
-    enc = {k: round((enc_before[k] + enc_after[k]) / 2, 1) for k in enc_before}
+    enc = _encoder_reference(enc_before, enc_after)
     result.update(enc)
-    result["encoder_spread_before_after"] = {k: [enc_before[k], enc_after[k]] for k in enc_before}
     for r in result["runs"].values():
         r["ratio_worker_to_encoder_with_preprocess"] = round(
             r["worker_decisions_per_s"] / enc["encoder_with_preprocess_images_per_s"], 3)
     one, many = result["runs"]["1"], result["runs"][str(processes)]
     result["ratio_processes_to_one"] = round(many["worker_decisions_per_s"] / one["worker_decisions_per_s"], 2)
     result.update({"events": events, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "partitions": partitions,
-                   "image": f"{size[0]}x{size[1]} {image.upper()}, " + (
-                       "the record value (raw envelope)" if envelope == "raw" else f"base64 in {envelope}"),
-                   "cpus": os.cpu_count(), "machine": platform.machine()})
+                   "image": _image_label(image, size, envelope), "cpus": os.cpu_count(), "machine": platform.machine()})
     return result
 
 

@@ -245,9 +245,6 @@ class Supervisor:
 
     # -- run ---------------------------------------------------------------------------------------
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def run(self) -> int:
         self.ops.start()
         log.info("supervisor started", extra={"event": "supervisor_started", "processes": self.n,
