@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy_support import ROOT, run
 from moderator.resources import DEMO_POLICY
+from moderator.worker.http import free_loopback_port, local_get
 from deploy_queries import ALERTS, DASHBOARD, TARGET_LABELS, dashboard_queries, exposed_names, rule_queries
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -220,12 +220,6 @@ EVENT_DRIVEN = {"moderator_policy_reloads_total", "moderator_redis_errors_total"
                 "moderator_shadow_disagreements_total"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 3.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (loopback only)
@@ -248,7 +242,7 @@ def test_real_worker_exports_every_metric_the_dashboard_and_rules_query(
     input_topic = topic_factory(2, suffix="in")
     outputs = {f"MODERATOR_{k}_TOPIC": topic_factory(1, suffix=k.lower().replace("_", "-"))
                for k in ("DECISIONS", "FLAGGED", "REVIEW", "DEAD_LETTER")}
-    port = _free_port()
+    port = free_loopback_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODERATOR_") or k == "MODERATOR_CACHE_DIR"}
     env.update(outputs, MODERATOR_MAX_WAIT_MS="20", MODERATOR_LOG_JSON="true", MODERATOR_HTTP_HOST="127.0.0.1",
                MODERATOR_POLICY_RELOAD_INTERVAL_S="1")
@@ -320,3 +314,38 @@ def test_real_worker_exports_every_metric_the_dashboard_and_rules_query(
     assert _sum(families, "moderator_dead_letters_total") >= 1
     assert _sum(families, "moderator_image_embedding_cache_total") >= 1
     assert _sum(families, "moderator_worker_ready") == 1
+
+
+def test_supervisors_metrics_pass_promtool_with_a_process_label_per_series(
+        promtool, kafka_bootstrap, topic_factory, random_model_dir, tmp_path):
+    """`moderator run --processes 2`: the one /metrics port re-exposes both processes' series
+    with a `process` label; Prometheus' own checker accepts the exposition."""
+    input_topic = topic_factory(2, suffix="in")
+    port = free_loopback_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODERATOR_") or k == "MODERATOR_CACHE_DIR"}
+    env.update(MODERATOR_REDIS_URL="", MODERATOR_HTTP_HOST="127.0.0.1", MODERATOR_POLICY_RELOAD_INTERVAL_S="0")
+    log = (tmp_path / "supervisor.log").open("w")
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "moderator.cli", "run", "--model-dir", str(random_model_dir),
+         "--policy", str(DEMO_POLICY), "--kafka-bootstrap-servers", kafka_bootstrap, "--input-topic", input_topic,
+         "--consumer-group", f"{input_topic}.group", "--http-port", str(port), "--processes", "2"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while local_get(port, "/readyz")[0] != 200:
+            assert sup.poll() is None and time.monotonic() < deadline, (tmp_path / "supervisor.log").read_text()[-4000:]
+            time.sleep(0.5)
+        text = local_get(port, "/metrics", timeout=10)[1].decode()
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=90) == 0, (tmp_path / "supervisor.log").read_text()[-4000:]
+        log.close()
+    (tmp_path / "metrics.txt").write_text(text)
+    run([promtool, "check", "metrics"], input=text)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ready = {s.labels["process"]: s.value for s in families["moderator_worker_ready"].samples}
+    assert ready == {"0": 1.0, "1": 1.0}
+    assert [s.value for s in families["moderator_worker_processes"].samples] == [2.0]
+    unlabelled = [s.name for f in families.values() for s in f.samples
+                  if f.name != "moderator_worker_processes" and "process" not in s.labels]
+    assert not unlabelled, unlabelled
