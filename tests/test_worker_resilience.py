@@ -126,15 +126,19 @@ def test_sigkill_restart_and_a_second_worker_joining_and_leaving_lose_nothing(
     topics = stream_topics(4)
     group = f"crash-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     events = list(synthetic_events(600, seed=5, size=48, id_prefix="crash"))
-    producer = threading.Thread(target=produce, args=(kafka_bootstrap, topics.input, events),
-                                kwargs={"rate": 30.0}, daemon=True)
+    # Two waves: the second is produced only once worker-b has joined, so "progress with two
+    # workers" always has input. (With one wave a slow start-up on a loaded machine let the
+    # first worker decide every event before b joined, and the wait below timed out on an
+    # idle group: no stall, no input.)
+    producers = [threading.Thread(target=produce, args=(kafka_bootstrap, topics.input, wave),
+                                  kwargs={"rate": 30.0}, daemon=True) for wave in (events[:400], events[400:])]
 
     def decided() -> int:
         return sum(kafka_offsets.end(topics.decisions, 4).values())
 
     a = worker_processes("worker-a", topics, group, random_model_dir)
     a.wait_ready()
-    producer.start()
+    producers[0].start()
     _wait(lambda: decided() >= 60, 60, "worker-a to decide 60 events")
     a.proc.kill()  # SIGKILL: no drain, no commit, no goodbye to the group
     assert a.proc.wait(10) == -signal.SIGKILL
@@ -146,9 +150,11 @@ def test_sigkill_restart_and_a_second_worker_joining_and_leaving_lose_nothing(
     b = worker_processes("worker-b", topics, group, random_model_dir)
     b.wait_ready()  # ready = has joined the group (a rebalance moved partitions to it)
     at_join = decided()
+    producers[1].start()
     _wait(lambda: decided() >= at_join + 60, 60, "progress with two workers", workers=[a2, b])
     assert b.stop(signal.SIGTERM) == 0, f"worker-b did not drain cleanly:\n{b.log()}"  # leaves the group
-    producer.join(60)
+    for producer in producers:
+        producer.join(60)
     out = read_outputs(topics, len(events), timeout_s=120)
     assert a2.stop(signal.SIGTERM) == 0, a2.log()
 
