@@ -255,10 +255,11 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
 
     # --- batching and back-pressure ------------------------------------------------------
     max_batch: int = Field(default=32, ge=1, description="a batch closes at this many images...")
-    max_wait_ms: int = Field(default=50, ge=0, description="...or this long after its first event")
+    max_wait_ms: int = Field(default=50, ge=0, description="...or this long after its first image is prepared")
     adaptive_batching: bool = Field(
-        default=True, description="when the encoder is idle a waiting batch goes at once instead of at "
-                                  "max_wait_ms; under load batches still fill to max_batch")
+        default=True, description="when the encoder is idle and no other record is being prepared, the prepared "
+                                  "ones go at once instead of at max_wait_ms; under load batches still fill "
+                                  "to max_batch")
     prepare_workers: int = Field(
         default=8, ge=1, description="threads that fetch image URLs (they wait on the network, so more than "
                                      "the cores)")

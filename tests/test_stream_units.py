@@ -596,6 +596,74 @@ def test_adaptive_batch_goes_at_once_when_downstream_is_idle_and_fills_when_busy
     assert 0.25 < time.monotonic() - t0 < 5.0
 
 
+class _Started:
+    """``start`` for MicroBatcher: records what was started; the test finishes futures by hand."""
+
+    def __init__(self) -> None:
+        self.futures: dict = {}
+
+    def __call__(self, item):
+        from concurrent.futures import Future  # noqa: PLC0415
+
+        self.futures[item] = f = Future()
+        return f
+
+    def finish(self, *items) -> None:
+        for i in items:
+            self.futures[i].set_result(f"prepared-{i}")
+
+
+def test_items_start_on_arrival_and_batches_are_the_prepared_prefix_in_arrival_order():
+    started = _Started()
+    b = MicroBatcher(4, max_wait_ms=60_000, idle=lambda: True, start=started, ahead=4)
+    for i in range(6):
+        b.put(i)
+    assert list(started.futures) == [0, 1, 2, 3]  # started at once, at most `ahead`; 4 and 5 wait
+    assert len(b) == 6
+    started.finish(1, 2)  # prepared out of order: 0 is still being prepared
+    assert b.get_batch(timeout=0.2) == []  # nothing goes past an unprepared head
+    started.finish(0)
+    # 0..2 are prepared and 3 is coming: while something is still being prepared the batch
+    # waits for it (up to max_batch or the deadline), even though the encoder is idle
+    assert b.get_batch(timeout=0.2) == []
+    started.finish(3)
+    assert b.get_batch(timeout=1) == ["prepared-0", "prepared-1", "prepared-2", "prepared-3"]
+    assert list(started.futures) == [0, 1, 2, 3, 4, 5]  # taking a batch started the ones held back
+    started.finish(4)
+    t0 = time.monotonic()
+    threading.Timer(0.2, started.finish, args=(5,)).start()
+    assert b.get_batch(timeout=5) == ["prepared-4", "prepared-5"]  # idle, nothing else coming: at once
+    assert time.monotonic() - t0 < 2.0
+    b.close()
+    assert b.get_batch(timeout=1) is None
+
+
+def test_a_prepared_batch_closes_max_wait_after_its_first_item_is_ready_not_after_it_arrived():
+    started = _Started()
+    b = MicroBatcher(10, max_wait_ms=150, start=started)  # not adaptive: full or deadline
+    b.put("a")
+    b.put("b")
+    time.sleep(0.3)  # "a" was being prepared all along: the deadline has not started yet
+    started.finish("a")
+    t0 = time.monotonic()
+    assert b.get_batch(timeout=5) == ["prepared-a"]  # "b" is not ready: the deadline takes "a" alone
+    waited = time.monotonic() - t0
+    assert 0.12 <= waited < 1.0, waited
+    started.finish("b")
+    b.close()
+    assert b.get_batch(timeout=1) == ["prepared-b"]  # closed: what is ready goes at once
+    assert b.get_batch(timeout=1) is None
+
+
+def test_a_preparation_that_raised_raises_to_the_batch_taker():
+    started = _Started()
+    b = MicroBatcher(2, max_wait_ms=0, start=started)
+    b.put("x")
+    started.futures["x"].set_exception(RuntimeError("bug in a prepare step"))
+    with pytest.raises(RuntimeError, match="bug in a prepare step"):
+        b.get_batch(timeout=1)
+
+
 def test_decode_concurrency_follows_the_cpus_unless_set(monkeypatch):
     import os
 

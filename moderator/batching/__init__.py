@@ -12,37 +12,63 @@ the stages downstream have nothing to do, whatever is waiting goes at once
 the pipeline is never idle and batches fill to ``max_batch`` or the deadline.
 The downstream stage calls ``wake()`` when it becomes idle so a waiting batch
 does not sit out the rest of its deadline.
+
+Work on arrival (``start``): each item's preparation (parse, decode, resize)
+starts when it arrives, not when its batch closes, and a batch is the longest
+*finished* prefix of the items in arrival order. The encoder then starts on the
+first prepared images while later ones are still decoding, instead of waiting
+for a whole batch to be prepared one image after the other; batches keep the
+arrival order. The deadline counts from when a batch's first item is ready, and
+"idle" also needs every item here prepared: while some are still being prepared
+a batch waits for them (up to ``max_batch`` or the deadline), as small batches
+cost throughput on a CPU that decodes and encodes on the same cores. At most
+``ahead`` items are started and not yet taken (their decoded pixels are what is
+held); later ones wait, unstarted, in arrival order.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class MicroBatcher(Generic[T]):
-    """Thread-safe: producers ``put``, one consumer calls ``get_batch``."""
+    """Thread-safe: producers ``put``, one consumer calls ``get_batch``.
+
+    Without ``start`` a batch is a list of the items put. With ``start`` (item -> Future),
+    each item is started on arrival (or as soon as fewer than ``ahead`` are started and not
+    taken), and a batch is the list of its futures' results, taken only once they are done.
+    """
 
     def __init__(self, max_batch: int, max_wait_ms: float,
                  clock: Callable[[], float] = time.monotonic, *,
-                 idle: Callable[[], bool] | None = None) -> None:
+                 idle: Callable[[], bool] | None = None,
+                 start: Callable[[T], Future] | None = None, ahead: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.max_batch = max_batch
         self._idle = idle
         self.max_wait_s = max(0.0, max_wait_ms / 1000.0)
         self._clock = clock
-        self._items: deque[tuple[float, T]] = deque()  # (arrival time, item)
-        self._cond = threading.Condition()
+        self._start = start
+        self.ahead = max(max_batch, ahead if ahead is not None else 4 * max_batch)
+        # [ready time, item, its future or None]: started (or, without `start`, just put), in
+        # arrival order; an item is ready once put (without `start`) or once its future is done
+        self._items: deque[list] = deque()
+        self._unstarted: deque[T] = deque()  # over `ahead`, in arrival order
+        # reentrant: a start may finish its future at once, and its callback wakes us
+        self._cond = threading.Condition(threading.RLock())
         self._closed = False
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._items)
+            return len(self._items) + len(self._unstarted)
 
     @property
     def closed(self) -> bool:
@@ -52,9 +78,26 @@ class MicroBatcher(Generic[T]):
         with self._cond:
             if self._closed:
                 raise RuntimeError("MicroBatcher is closed")
-            self._items.append((self._clock(), item))
-            if len(self._items) >= self.max_batch or len(self._items) == 1:
-                self._cond.notify_all()
+            if self._start is None:
+                self._items.append([self._clock(), item, None])
+                if len(self._items) >= self.max_batch or len(self._items) == 1:
+                    self._cond.notify_all()
+            elif len(self._items) < self.ahead and not self._unstarted:
+                self._launch(item)
+            else:
+                self._unstarted.append(item)
+
+    def _launch(self, item: T) -> None:
+        """Start ``item`` (under the lock, so the started items stay in arrival order)."""
+        entry = [math.inf, item, None]  # its batch's deadline counts from when it is ready
+        entry[2] = fut = self._start(item)
+        self._items.append(entry)
+        fut.add_done_callback(lambda _f: self._done(entry))
+
+    def _done(self, entry: list) -> None:
+        with self._cond:  # the head (or a batch's last item) may be ready now
+            entry[0] = self._clock()
+            self._cond.notify_all()
 
     def wake(self) -> None:
         """Downstream became idle: re-check whether a waiting batch can go now."""
@@ -67,28 +110,50 @@ class MicroBatcher(Generic[T]):
             self._closed = True
             self._cond.notify_all()
 
-    def get_batch(self, timeout: float | None = None) -> list[T] | None:
+    def _ready(self) -> int:
+        """How many items at the head can go (done, in arrival order), at most ``max_batch``."""
+        n = 0
+        for ready_at, _, _ in self._items:
+            if n == self.max_batch or ready_at == math.inf:
+                break
+            n += 1
+        return n
+
+    def get_batch(self, timeout: float | None = None) -> list | None:
         """The next closed batch; ``[]`` on timeout; ``None`` once closed and empty."""
         deadline = None if timeout is None else self._clock() + timeout
         with self._cond:
             while True:
+                wait: float | None = None
                 if self._items:
-                    due = self._items[0][0] + self.max_wait_s
-                    if (len(self._items) >= self.max_batch or self._closed or self._clock() >= due
-                            or (self._idle is not None and self._idle())):
-                        return self._take()
-                    wait = due - self._clock()
+                    ready = self._ready()
+                    if ready:  # (else: woken when the item at the head is ready)
+                        due = self._items[0][0] + self.max_wait_s
+                        now = self._clock()
+                        if (ready >= self.max_batch or self._closed or now >= due
+                                or (self._idle is not None and self._nothing_coming(ready) and self._idle())):
+                            taken = self._take(ready)
+                            break
+                        wait = due - now
                 elif self._closed:
                     return None
-                else:
-                    wait = None
                 if deadline is not None:
                     left = deadline - self._clock()
                     if left <= 0:
                         return []
                     wait = left if wait is None else min(wait, left)
                 self._cond.wait(wait)
+        # results outside the lock: a future that failed raises here, to the consumer
+        return [item if fut is None else fut.result() for item, fut in taken]
 
-    def _take(self) -> list[T]:
-        n = min(self.max_batch, len(self._items))
-        return [self._items.popleft()[1] for _ in range(n)]
+    def _nothing_coming(self, ready: int) -> bool:
+        """Every item here is ready: waiting would only wait for the next arrival. (While some
+        are still being prepared, a batch waits for them, up to ``max_batch`` or the deadline:
+        small batches on a CPU that decodes and encodes on the same cores cost throughput.)"""
+        return ready == len(self._items) and not self._unstarted
+
+    def _take(self, n: int) -> list[tuple[T, Future | None]]:
+        taken = [self._items.popleft()[1:] for _ in range(n)]
+        while self._unstarted and len(self._items) < self.ahead:
+            self._launch(self._unstarted.popleft())
+        return taken

@@ -7,8 +7,8 @@ consumer, pipeline threads), consume, drain, close. The parts:
   ``OffsetTracker``, feeds the pipeline, pauses fetching when too much is in
   flight (back-pressure instead of memory growth) and lets the
   ``OffsetCommitter`` commit acknowledged offsets (``worker/commits.py``).
-- **pipeline** (``worker/pipeline.py``): batcher -> dispatch -> prepare pools
-  (CPU work, network waits) -> encode thread: parse, fetch, hash, cache, decode, encode, decide, publish.
+- **pipeline** (``worker/pipeline.py``): prepare pools (CPU work, network
+  waits) on arrival -> batcher (prepared records, in order) -> encode thread: parse, fetch, hash, cache, decode, encode, decide, publish.
 - kafka-python's own IO threads: the producer acknowledges records (-> the
   tracker marks an input done once *all* its records are acked) and the consumer
   runs the group protocol (-> the committer's rebalance hooks).

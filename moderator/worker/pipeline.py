@@ -12,12 +12,14 @@
   encode the misses in one call, store them in the cache, decide, publish.
   Decisions and dead letters leave in consumption order within a batch.
 
-``BatchStages`` runs it: a ``MicroBatcher`` (adaptive: a batch goes at once when
-nothing is downstream), a *dispatch* thread that hands each closed batch's records
-to two bounded pools (CPU work on cores - 1 threads, network waits on more), and
-an *encode* thread. At most two batches wait for the encoder, so decoding the
-next batch overlaps encoding this one and a slow encoder stalls the batcher (then
-the consumer pauses), never memory.
+``BatchStages`` runs it: each consumed record is handed at once to two bounded
+pools (CPU work on cores - 1 threads, network waits on more), and a
+``MicroBatcher`` hands the *encode* thread the longest prepared run of records
+in consumption order (adaptive: whatever is prepared when the encoder is free;
+otherwise ``max_batch`` or ``max_wait_ms``). The encoder starts on the first
+prepared images while later ones still decode. At most ``PREPARE_AHEAD``
+batches' worth are prepared and not yet encoded (the rest wait unstarted), so a
+slow encoder stalls preparation (then the consumer pauses), never memory.
 
 Every failure of one input is a ``ModeratorError`` with a reason, and becomes a
 dead letter; no prepare step raises.
@@ -28,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -93,6 +94,10 @@ class Publisher(Protocol):
     def publish_dead_letter(self, dead: DeadLetter, key: bytes | None, on_acked: Callable[[], None],
                             on_failed: Callable[[Exception], None]) -> None: ...
 
+
+# Records prepared ahead of the encoder, in batches (max_batch each): enough for the next batch to
+# be ready while one encodes, few enough that their decoded pixels stay small.
+PREPARE_AHEAD = 4
 
 # Stages whose time the benchmark reports per event (seconds summed over events).
 STAGES = ("queue_wait", "parse", "fetch", "hash_cache", "decode", "pdq", "gpu_decode", "encode", "score",
@@ -462,25 +467,27 @@ class Pipeline:
 
 
 class BatchStages:
-    """The threads around a ``Pipeline``: batcher -> dispatch (pool) -> encode."""
+    """The threads around a ``Pipeline``: every record is prepared on arrival (the pools), and
+    the batcher hands the encode thread the prepared ones, in arrival order."""
 
     def __init__(self, pipeline: Pipeline, *, max_batch: int, max_wait_ms: int, prepare_workers: int,
                  decode_slots: int, adaptive: bool, on_fatal: Callable[[BaseException], None]) -> None:
         self.pipeline = pipeline
-        self._in_pipeline = 0  # batches dispatched and not finished
         self._pending: set[Future] = set()  # records handed to the pools, not prepared yet
         self._count_lock = threading.Lock()
-        self.batcher: MicroBatcher[WorkItem] = MicroBatcher(
-            max_batch, max_wait_ms, idle=(lambda: self._in_pipeline == 0) if adaptive else None)
-        self._ready: queue.Queue = queue.Queue(maxsize=2)
         # CPU work (parse, hash, decode, preprocess) runs on `decode_slots` threads: more than the
         # cores only contend for them and the GIL. URL fetches wait on the network on their own pool.
         self._pool = ThreadPoolExecutor(max(1, decode_slots), thread_name_prefix="prepare")
         self._fetch_pool = ThreadPoolExecutor(max(1, prepare_workers), thread_name_prefix="fetch")
+        # The encode thread asks for a batch only when it has nothing to do: adaptive batching
+        # takes what is prepared at once. At most PREPARE_AHEAD batches' worth are prepared and
+        # not yet taken (their pixels are what is held); the rest wait unstarted.
+        self.batcher: MicroBatcher[WorkItem] = MicroBatcher(
+            max_batch, max_wait_ms, idle=(lambda: True) if adaptive else None, start=self._submit,
+            ahead=PREPARE_AHEAD * max_batch)
         self._on_fatal = on_fatal
         self.transactions = None  # exactly-once: BatchTransactions, one per batch
-        self.threads = [threading.Thread(target=self._dispatch_loop, name="dispatch", daemon=True),
-                        threading.Thread(target=self._encode_loop, name="encode", daemon=True)]
+        self.threads = [threading.Thread(target=self._encode_loop, name="encode", daemon=True)]
 
     def start(self) -> "BatchStages":
         for t in self.threads:
@@ -547,25 +554,6 @@ class BatchStages:
         with self._count_lock:
             self._pending.discard(f)
 
-    def _dispatch_loop(self) -> None:
-        try:
-            while True:
-                batch = self.batcher.get_batch(timeout=0.5)
-                if batch is None:
-                    break
-                if not batch:
-                    continue
-                with self._count_lock:
-                    self._in_pipeline += 1
-                metrics.BATCH_SIZE.observe(len(batch))
-                futures = [self._submit(item) for item in batch]
-                self._ready.put(futures)
-        except Exception as e:  # a bug here would stall everything: stop loudly instead
-            log.exception("dispatch loop failed")
-            self._on_fatal(e)
-        finally:
-            self._ready.put(None)
-
     def _finish(self, prepared: list[Prepared]) -> None:
         try:
             self.pipeline.finish(prepared)
@@ -576,19 +564,17 @@ class BatchStages:
     def _encode_loop(self) -> None:
         try:
             while True:
-                futures: list[Future] | None = self._ready.get()
-                if futures is None:
+                # a step that raised (a bug: the steps never raise) raises here: stop loudly
+                prepared: list[Prepared] | None = self.batcher.get_batch(timeout=0.5)
+                if prepared is None:
                     break
-                prepared = [f.result() for f in futures]  # the steps never raise (a bug would: stop loudly)
-                try:
-                    if self.transactions is None:
-                        self._finish(prepared)
-                    else:
-                        self.transactions.run(prepared, lambda: self._finish(prepared))
-                finally:
-                    with self._count_lock:
-                        self._in_pipeline -= 1
-                    self.batcher.wake()
+                if not prepared:
+                    continue
+                metrics.BATCH_SIZE.observe(len(prepared))
+                if self.transactions is None:
+                    self._finish(prepared)
+                else:
+                    self.transactions.run(prepared, lambda: self._finish(prepared))
         except Exception as e:  # a bug here would stall everything: stop loudly instead
             log.exception("encode loop failed")
             self._on_fatal(e)
