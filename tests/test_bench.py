@@ -26,6 +26,10 @@ def test_memory_source_runs_the_whole_pipeline(random_model_dir, tmp_path):
     assert {"parse", "hash_cache", "decode", "encode", "score", "publish_call"} <= set(r["stage_ms_per_event"])
     lat = r["latency_at_half_rate"]
     assert lat["n"] == 30 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    # its parts, each measured per input: together they are the whole (p50s of parts need not add up)
+    assert list(lat["stages"]) == ["prepare", "wait_for_encoder", "encode_decide_publish", "ack"]
+    assert all(0 <= v["p50_ms"] <= v["p99_ms"] <= lat["max_ms"] for v in lat["stages"].values())
+    assert lat["stages"]["encode_decide_publish"]["p50_ms"] > 0
     prof = r["profile"]  # py-spy sampled this process's threads while the pipeline ran
     assert prof["samples"] > 0 and (tmp_path / "profile.txt").stat().st_size > 0
     assert {"prepare", "encode"} & set(prof["threads"])

@@ -297,6 +297,17 @@ def _percentiles(latencies: list[float]) -> dict:
             "p99_ms": round(float(np.percentile(a, 99)), 1), "max_ms": round(float(a.max()), 1)}
 
 
+def _stage_percentiles(rows: list[tuple]) -> dict:
+    """p50/p99 of each part of consume -> acked (``LATENCY_STAGES``), in ms."""
+    from moderator.worker.pipeline import LATENCY_STAGES  # noqa: PLC0415
+
+    if not rows:
+        return {}
+    a = np.asarray(rows) * 1000
+    return {name: {"p50_ms": round(float(np.percentile(a[:, i], 50)), 1),
+                   "p99_ms": round(float(np.percentile(a[:, i], 99)), 1)} for i, name in enumerate(LATENCY_STAGES)}
+
+
 # --- the benchmark ------------------------------------------------------------------------------------
 
 
@@ -413,7 +424,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
         if latency:
             target = latency_rate or 0.5 * rate
             log(f"latency phase: {n_lat} events at {target:.0f}/s" + ("" if latency_rate else " (half the measured rate)"))
-            worker.stats.latencies = []
+            worker.stats.latencies, worker.stats.latency_stages = [], []
             acked0 = worker.stats.inputs_acked
             recs = [e.record() for e in lat_evs]
             if source == "kafka":
@@ -430,7 +441,8 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                              settings.max_in_flight, offset0=events)
                 _wait(worker, acked0 + n_lat, deadline, lambda: True)
             result["latency_at_half_rate"] = {"rate_per_s": round(target, 1), "max_wait_ms": max_wait_ms,
-                                              **_percentiles(worker.stats.latencies)}
+                                              **_percentiles(worker.stats.latencies),
+                                              "stages": _stage_percentiles(worker.stats.latency_stages)}
         if source == "kafka":
             worker.request_stop()
             thread.join(60)

@@ -83,6 +83,10 @@ class Prepared:
     published: bool = False
     acked: bool = False  # every output record acknowledged by the broker
     timings: dict = field(default_factory=dict)
+    # monotonic stamps, for the benchmark's latency breakdown (WorkerStats.latency_stages)
+    prepared_at: float = 0.0
+    finish_at: float = 0.0
+    published_at: float = 0.0
 
 
 class Publisher(Protocol):
@@ -98,6 +102,10 @@ class Publisher(Protocol):
 # Records prepared ahead of the encoder, in batches (max_batch each): enough for the next batch to
 # be ready while one encodes, few enough that their decoded pixels stay small.
 PREPARE_AHEAD = 4
+
+# consume -> acked, in parts: prepared (waiting for a prepare thread, then parse/decode), waiting
+# for the encoder, encode+decide+publish calls (its batch), the broker's acknowledgement
+LATENCY_STAGES = ("prepare", "wait_for_encoder", "encode_decide_publish", "ack")
 
 # Stages whose time the benchmark reports per event (seconds summed over events).
 STAGES = ("queue_wait", "parse", "fetch", "hash_cache", "decode", "pdq", "gpu_decode", "encode", "score",
@@ -117,6 +125,8 @@ class WorkerStats:
     last_acked_at: float | None = None
     stage_seconds: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     latencies: list | None = None  # consume -> acked seconds per input, when a benchmark asks
+    # ... and its parts (LATENCY_STAGES), in seconds
+    latency_stages: list | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -136,7 +146,8 @@ class WorkerStats:
 
     def snapshot(self) -> dict:
         with self._lock:
-            snap = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "latencies"}
+            snap = {k: v for k, v in vars(self).items()
+                    if not k.startswith("_") and k not in ("latencies", "latency_stages")}
             snap["stage_seconds"] = dict(self.stage_seconds)
             return snap
 
@@ -304,7 +315,10 @@ class Pipeline:
     # -- finish (encode thread) ----------------------------------------------------------------
 
     def finish(self, prepared: list[Prepared]) -> None:
+        started = time.monotonic()
         live = [p for p in prepared if not p.stale and self.tracker.is_live(p.item.tp, p.item.epoch)]
+        for p in live:
+            p.finish_at = started
         # (revoked meanwhile: not committed here, the new owner redoes it)
         on_device = [p for p in live if p.error is None and p.data is not None]
         device_pixels = self._device_decode(on_device) if on_device else None
@@ -337,6 +351,7 @@ class Pipeline:
                 d.cached = p.cached
                 d.bind_input(p.item.source.topic, p.item.source.partition, p.item.source.offset)  # CloudEvents id
                 hits += p.cached
+                p.published_at = time.monotonic()
                 self.publisher.publish_decision(d, self._acked_cb(p), self._failed_cb)
                 p.published = True
             # handing records to the producer; the broker's ack time is the "publish" stage metric
@@ -420,6 +435,7 @@ class Pipeline:
         log.info("dead letter", extra={"event": "dead_letter", "reason": err.reason, "event_id": p.event_id,
                                        "source": f"{src.topic}/{src.partition}@{src.offset}",
                                        "error": str(err)[:300]})
+        p.published_at = time.monotonic()
         self.publisher.publish_dead_letter(dead, key, self._acked_cb(p), self._failed_cb)
         p.published = True
 
@@ -452,6 +468,9 @@ class Pipeline:
         metrics.END_TO_END_SECONDS.labels(clock="consumed").observe(max(0.0, now - item.consumed_wall))
         if self.stats.latencies is not None:
             self.stats.latencies.append(now - item.consumed_wall)
+        if self.stats.latency_stages is not None and p.published_at:
+            self.stats.latency_stages.append((p.prepared_at - item.consumed_mono, p.finish_at - p.prepared_at,
+                                              p.published_at - p.finish_at, time.monotonic() - p.published_at))
         if p.event is not None and p.event.created_at is not None:
             metrics.END_TO_END_SECONDS.labels(clock="created_at").observe(max(0.0, now - p.event.created_at))
         self.stats.last_acked_at = now
@@ -553,6 +572,8 @@ class BatchStages:
     def _forget(self, f: Future) -> None:
         with self._count_lock:
             self._pending.discard(f)
+        if not f.cancelled() and f.exception() is None:
+            f.result().prepared_at = time.monotonic()
 
     def _finish(self, prepared: list[Prepared]) -> None:
         try:
