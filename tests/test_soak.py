@@ -20,7 +20,9 @@ def test_rss_levels_off_under_steady_mixed_load(random_model_dir, kafka_bootstra
     r = soak(random_model_dir, DEMO_POLICY, seconds=36, rate=40, bootstrap_servers=kafka_bootstrap,
              redis_url=redis_url, workdir=tmp_path, log=lambda m: None)
     print(f"\nsoak: {r['events']} events in {r['seconds']} s, RSS {r['rss_mb_at_start']} -> "
-          f"{r['rss_mb_middle_third_mean']} -> {r['rss_mb_last_third_mean']} MiB (max {r['rss_mb_max']})")
+          f"{r['rss_mb_middle_third_mean']} -> {r['rss_mb_last_third_mean']} MiB (max {r['rss_mb_max']}), "
+          f"threads {r['samples'][0][2]} -> {r['samples'][-1][2]}")
     assert r["worker_exit_status"] == 0
     assert r["decisions"] + r["dead_letters"] == r["events"] and r["dead_letters"] > 0
-    assert r["growth_mb_last_vs_middle_third"] <= GROWTH_BOUND_MB, r["samples"]
+    assert r["growth_mb_last_vs_middle_third"] <= GROWTH_BOUND_MB, "seconds:MiB/threads " + " ".join(
+        f"{t:g}:{mb:g}/{threads}" for t, mb, threads in r["samples"])

@@ -28,10 +28,15 @@ import numpy as np
 
 def rss_mb(pid: int) -> float:
     """Resident set size of ``pid`` in MiB (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return _status(pid)[0]
+
+
+def _status(pid: int) -> tuple[float, int]:
+    """(RSS in MiB, threads) of ``pid`` (Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    if "VmRSS" not in fields:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["Threads"])
 
 
 def soak_events(n: int, *, seed: int = 0, size: int = 64, duplicate_rate: float = 0.3, malformed_every: int = 10,
@@ -78,7 +83,7 @@ def _ready(port: int) -> bool:
 def soak(model_dir: Path | str, policy: Path | str, *, seconds: float = 300.0, rate: float = 50.0,
          bootstrap_servers: str | None = None, redis_url: str | None = None, sample_s: float = 1.0,
          workdir: Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """Returns the RSS samples ``[[seconds, MiB], ...]`` and the growth figures (see the module doc)."""
+    """Returns the samples ``[[seconds, RSS MiB, threads], ...]`` and the growth figures (see the module doc)."""
     from moderator.devservices import services  # noqa: PLC0415
     from moderator.produce import ensure_topics, produce  # noqa: PLC0415
 
@@ -123,13 +128,17 @@ def soak(model_dir: Path | str, policy: Path | str, *, seconds: float = 300.0, r
 
         producer = threading.Thread(target=feed, name="soak-producer", daemon=True)
         t0 = time.monotonic()
-        samples: list[list[float]] = [[0.0, round(rss_mb(worker.pid), 1)]]
+        def sample() -> list[float]:  # [seconds, RSS MiB, threads]: a step in RSS with more threads
+            mb, threads = _status(worker.pid)  # is new threads' malloc arenas, not a leak
+            return [round(time.monotonic() - t0, 1), round(mb, 1), threads]
+
+        samples: list[list[float]] = [sample()]
         producer.start()
         while producer.is_alive():
             time.sleep(sample_s)
             if worker.poll() is not None:
                 raise RuntimeError(f"the worker exited with {worker.returncode}; see {log_path}")
-            samples.append([round(time.monotonic() - t0, 1), round(rss_mb(worker.pid), 1)])
+            samples.append(sample())
         if failed:
             raise RuntimeError(f"producing the load failed: {failed[0]!r}")
         deadline = time.monotonic() + 60  # the tail of the load is still being decided
