@@ -95,9 +95,13 @@ class MicroBatcher(Generic[T]):
         fut.add_done_callback(lambda _f: self._done(entry))
 
     def _done(self, entry: list) -> None:
-        with self._cond:  # the head (or a batch's last item) may be ready now
+        with self._cond:
             entry[0] = self._clock()
-            self._cond.notify_all()
+            # Wake the taker only when its decision can change: the head is ready (its deadline
+            # starts), a full batch is ready, or everything here is (adaptive: nothing coming).
+            # A wake-up per prepared item would hand the GIL back and forth for nothing.
+            if self._items and (self._items[0] is entry or self._ready() in (self.max_batch, len(self._items))):
+                self._cond.notify_all()
 
     def wake(self) -> None:
         """Downstream became idle: re-check whether a waiting batch can go now."""
