@@ -24,6 +24,7 @@ def test_memory_source_runs_the_whole_pipeline(random_model_dir, tmp_path):
                 "ratio_worker_to_encoder", "ratio_worker_to_encoder_with_preprocess", "cpu_seconds_per_event_ms"):
         assert r[key] > 0, key
     assert {"parse", "hash_cache", "decode", "encode", "score", "publish_call"} <= set(r["stage_ms_per_event"])
+    assert 1 <= r["mean_batch_size"] <= 8  # max_batch
     lat = r["latency_at_half_rate"]
     assert lat["n"] == 30 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     # its parts, each measured per input: together they are the whole (p50s of parts need not add up)

@@ -417,6 +417,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             "worker_seconds_including_startup": round(stats["last_acked_at"] - t_start, 2),
             "measured_epoch_s": [stats["first_consumed_at"], stats["last_acked_at"]],
             "cpu_seconds_per_event_ms": round(1000 * cpu / events, 3),
+            "mean_batch_size": round(events / max(1, stats["batches"]), 1),
             "stage_ms_per_event": {k: round(1000 * v / events, 3) for k, v in stats["stage_seconds"].items() if v},
         })
         if prof.summary():

@@ -121,6 +121,7 @@ class WorkerStats:
     dead_letters: int = 0
     cache_hits: int = 0
     inputs_acked: int = 0
+    batches: int = 0  # handed to the encode thread
     first_consumed_at: float | None = None
     last_acked_at: float | None = None
     stage_seconds: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
@@ -592,6 +593,7 @@ class BatchStages:
                 if not prepared:
                     continue
                 metrics.BATCH_SIZE.observe(len(prepared))
+                self.pipeline.stats.add(batches=1)
                 if self.transactions is None:
                     self._finish(prepared)
                 else:
