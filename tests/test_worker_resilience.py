@@ -198,6 +198,9 @@ def test_processes_share_the_group_a_killed_one_is_restarted_and_nothing_is_lost
     assert "moderator_worker_processes 2.0" in metrics_text
     assert 'moderator_worker_ready{process="0"} 1.0' in metrics_text
     assert 'moderator_worker_ready{process="1"} 1.0' in metrics_text
+    # the supervisor's own memory and CPU, beside its processes' (a pod's RSS is all of them)
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total"):
+        assert f'{name}{{process="supervisor"}}' in metrics_text and f'{name}{{process="0"}}' in metrics_text
 
     producer = threading.Thread(target=produce, args=(kafka_bootstrap, topics.input, events),
                                 kwargs={"rate": 40.0}, daemon=True)

@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -95,10 +95,12 @@ class Child:
 
 
 class ChildrenCollector:
-    """Every child's ``/metrics``, each series with a ``process`` label, one family per name."""
+    """Every child's ``/metrics``, each series with a ``process`` label, one family per name, and
+    this supervisor's own ``process_*`` series (RSS, CPU, open files) as ``process="supervisor"``."""
 
     def __init__(self, children: list[Child]) -> None:
         self.children = children
+        self._own = ProcessCollector(registry=None)
 
     def collect(self):
         families: dict[str, Metric] = {}
@@ -120,6 +122,12 @@ class ChildrenCollector:
                 for sample in fam.samples:
                     out.add_sample(sample.name, {**sample.labels, "process": str(child.index)}, sample.value,
                                    sample.timestamp, sample.exemplar)
+        for fam in self._own.collect():
+            out = families.get(fam.name)
+            if out is None:
+                out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for sample in fam.samples:
+                out.add_sample(sample.name, {**sample.labels, "process": "supervisor"}, sample.value)
         yield from families.values()
 
 
@@ -134,7 +142,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._signals = 0
         self._fatal: int | None = None
-        self.registry = CollectorRegistry()  # the processes' series and these two; not this process's own
+        self.registry = CollectorRegistry()  # the processes' series, these two and its own process_*
         metrics.WORKER_PROCESSES.set(self.n)
         self._restarts = metrics.WORKER_PROCESS_RESTARTS
         for c in self.children:
