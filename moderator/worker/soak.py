@@ -26,11 +26,6 @@ from typing import Callable
 import numpy as np
 
 
-def rss_mb(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB (Linux /proc)."""
-    return _status(pid)[0]
-
-
 def _status(pid: int) -> tuple[float, int]:
     """(RSS in MiB, threads) of ``pid`` (Linux /proc)."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)

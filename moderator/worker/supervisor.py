@@ -104,6 +104,16 @@ class ChildrenCollector:
 
     def collect(self):
         families: dict[str, Metric] = {}
+
+        def add(fams, process: str) -> None:  # each series relabelled, merged into one family per name
+            for fam in fams:
+                out = families.get(fam.name)
+                if out is None:
+                    out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                for sample in fam.samples:
+                    out.add_sample(sample.name, {**sample.labels, "process": process}, sample.value,
+                                   sample.timestamp, sample.exemplar)
+
         alive = [c for c in self.children if c.alive()]
         with ThreadPoolExecutor(max(1, len(alive)), thread_name_prefix="scrape") as pool:  # in parallel
             scraped = list(pool.map(lambda c: c.get("/metrics"), alive))
@@ -115,19 +125,8 @@ class ChildrenCollector:
             except Exception as e:  # a half-written scrape of a dying child: skip it this time
                 log.debug("process %d metrics unreadable: %s", child.index, e)
                 continue
-            for fam in parsed:
-                out = families.get(fam.name)
-                if out is None:
-                    out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-                for sample in fam.samples:
-                    out.add_sample(sample.name, {**sample.labels, "process": str(child.index)}, sample.value,
-                                   sample.timestamp, sample.exemplar)
-        for fam in self._own.collect():
-            out = families.get(fam.name)
-            if out is None:
-                out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-            for sample in fam.samples:
-                out.add_sample(sample.name, {**sample.labels, "process": "supervisor"}, sample.value)
+            add(parsed, str(child.index))
+        add(self._own.collect(), "supervisor")
         yield from families.values()
 
 
