@@ -229,6 +229,13 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
     heartbeat_interval_ms: int = Field(default=2_000, ge=100, description="group heartbeat interval")
     max_poll_interval_ms: int = Field(default=300_000, ge=1000, description="max time between polls")
     poll_max_records: int = Field(default=256, ge=1, description="records taken per poll")
+    consumer_fetch_min_bytes: int = Field(
+        default=1, ge=1, description="the broker answers a fetch once it has this many bytes for it (Kafka's "
+                                     "fetch.min.bytes; 1: as soon as there is a record)...")
+    consumer_fetch_max_wait_ms: int = Field(
+        default=500, ge=0, description="...or after this long (fetch.max.wait.ms). At low rates, raising both "
+                                       "(e.g. 1048576 and 25) gathers several records per fetch: less CPU "
+                                       "per event, up to this much more latency")
     commit_interval_ms: int = Field(default=500, ge=10, description="how often acknowledged offsets commit")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         default="at_least_once",

@@ -97,6 +97,59 @@ def test_run_processes_through_kafka_measures_one_and_n_processes(random_model_d
     assert r["ratio_processes_to_one"] > 0
 
 
+def test_kafka_source_with_latency_counts_every_event_and_every_clock(random_model_dir, kafka_bootstrap):
+    """--source kafka --latency: the pre-loaded events and the paced ones all decided on the
+    topic; both latency clocks, the CPU per thread and the load generator's CPU reported."""
+    r = bench_worker(random_model_dir, DEMO_POLICY_PATH, source="kafka", events=40, image="png", size=(40, 40),
+                     max_batch=8, max_wait_ms=5, encoder_seconds=0.1, bootstrap_servers=kafka_bootstrap,
+                     latency=True, latency_events=20, latency_rate=40, overrides={"ort_threads": 1},
+                     log=lambda m: None)
+    assert r["decisions_on_topic"] == 60 and r["dead_letters"] == 0
+    assert {"prepare", "encode"} <= set(r["thread_cpu_ms_per_event"])
+    assert all(v > 0 for v in r["thread_cpu_ms_per_event"].values())
+    lat = r["latency_at_half_rate"]
+    assert lat["n"] == 20 and lat["created_to_acked"]["n"] == 20
+    # created_at is stamped before the record is sent, so each input's created clock reads at
+    # least its consume clock (less the 1 ms the ISO timestamp truncates)
+    assert lat["created_to_acked"]["p50_ms"] >= lat["p50_ms"] - 1
+    assert lat["load_generator_cpu_ms_per_event"] > 0 and lat["cpu_seconds_per_event_ms"] > 0
+    assert 1 <= lat["mean_batch_size"] <= 8
+
+
+def test_thread_cpu_seconds_groups_pool_threads_by_name():
+    import threading
+    import time
+
+    from moderator.worker.bench import thread_cpu_seconds, thread_cpu_share
+
+    def spin() -> None:
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.3:
+            pass
+
+    before = thread_cpu_seconds()
+    held = threading.Event()
+
+    def spin_then_hold() -> None:  # alive when sampled: an ended thread's time is gone from /proc
+        spin()
+        held.wait(10)
+
+    threads = [threading.Thread(target=spin_then_hold, name=f"spinner_{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    deadline = time.monotonic() + 30
+    while thread_cpu_seconds().get("spinner", 0) < 0.55 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = thread_cpu_seconds()
+    held.set()
+    for t in threads:
+        t.join()
+    assert "spinner_0" not in after and after["spinner"] >= 0.55  # both pool threads, one name
+    share = thread_cpu_share(before, after, events=10)
+    assert share["spinner"] >= 55  # ms per event over 10 events
+
+
 def test_summarize_collapsed_counts_threads_and_leaves():
     text = ("thread (1): encode;a (x.py:1);Session.run (o.py:2) 30\n"
             "thread (2): prepare_0;a (x.py:1);ImageFile.load (i.py:3) 50\n"

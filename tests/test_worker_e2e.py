@@ -207,3 +207,22 @@ def test_back_pressure_pauses_fetching_instead_of_queueing(
     assert {v["event_id"] for _, v in out[topics.decisions]} == {e.id for e in events}
     assert 0 < peak[0] <= 6, peak[0]
     assert paused_seen[0], "fetching never paused"
+
+
+def test_consumer_fetch_settings_reach_the_kafka_consumer(kafka_bootstrap, monkeypatch):
+    """MODERATOR_CONSUMER_FETCH_MIN_BYTES / _MAX_WAIT_MS are kafka-python's fetch_min_bytes and
+    fetch_max_wait_ms (the broker holds a fetch until it has that many bytes or that long)."""
+    from moderator.config import WorkerSettings
+    from moderator.ingest.consumer import make_consumer
+
+    monkeypatch.setenv("MODERATOR_CONSUMER_FETCH_MIN_BYTES", "65536")
+    monkeypatch.setenv("MODERATOR_CONSUMER_FETCH_MAX_WAIT_MS", "25")
+    consumer = make_consumer(WorkerSettings(kafka_bootstrap_servers=kafka_bootstrap, consumer_group="fetch-settings"))
+    try:
+        assert consumer.config["fetch_min_bytes"] == 65536 and consumer.config["fetch_max_wait_ms"] == 25
+    finally:
+        consumer.close()
+    monkeypatch.delenv("MODERATOR_CONSUMER_FETCH_MIN_BYTES")
+    monkeypatch.delenv("MODERATOR_CONSUMER_FETCH_MAX_WAIT_MS")
+    defaults = WorkerSettings()
+    assert (defaults.consumer_fetch_min_bytes, defaults.consumer_fetch_max_wait_ms) == (1, 500)  # Kafka's own

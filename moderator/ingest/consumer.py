@@ -88,6 +88,8 @@ def make_consumer(settings: WorkerSettings) -> KafkaConsumer:
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_interval_ms=settings.max_poll_interval_ms,
         max_poll_records=settings.poll_max_records,
+        fetch_min_bytes=settings.consumer_fetch_min_bytes,
+        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
         fetch_max_bytes=max(52_428_800, settings.max_event_bytes + 1024),
         max_partition_fetch_bytes=max(1_048_576, settings.max_event_bytes + 1024),
         # Fail fast and retry from the poll loop instead of hanging in one call.

@@ -223,6 +223,40 @@ def summarize_collapsed(text: str, top: int = 12) -> dict:
             "top_leaf_frames": {k: round(v / total, 3) for k, v in leaves.most_common(top)} if total else {}}
 
 
+# --- CPU per thread ------------------------------------------------------------------------------------
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each live thread of this process, summed by Python
+    thread name without its pool index (``prepare_0`` and ``prepare_1`` are ``prepare``); threads
+    Python did not start (ONNX Runtime's pool, native libraries') are ``native``. Linux /proc;
+    ``{}`` elsewhere. What py-spy cannot say: its samples count a thread waiting in a system call
+    as busy."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    out: Counter = Counter()
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return {}
+    for task in tasks:
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        name = names.get(int(task.name), "native").rstrip("_0123456789") or "native"
+        out[name] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15 of stat)
+    return dict(out)
+
+
+def thread_cpu_share(before: dict[str, float], after: dict[str, float], events: int, top: int = 8) -> dict:
+    """Milliseconds of CPU per event per thread group between two ``thread_cpu_seconds``
+    (threads that ended meanwhile are missing from ``after``: their time is lost)."""
+    diff = {k: after[k] - before.get(k, 0.0) for k in after}
+    ranked = sorted(((k, v) for k, v in diff.items() if v > 0), key=lambda kv: -kv[1])[:top]
+    return {k: round(1000 * v / max(events, 1), 3) for k, v in ranked}
+
+
 # --- reference rates --------------------------------------------------------------------------------
 
 
@@ -313,12 +347,15 @@ def _stage_percentiles(rows: list[tuple]) -> dict:
 
 _PACED_PRODUCER = """
 import sys
+import time
 from moderator.produce import produce
 from moderator.worker.bench import bench_events
 servers, topic, image, size, n, rate, prefix, unique, envelope = sys.argv[1:10]
 w, _, h = size.partition("x")
-produce(servers, topic, bench_events(int(n), image, (int(w), int(h)), seed=8, id_prefix=prefix, unique=int(unique),
-                                     envelope=envelope), rate=float(rate))
+events = bench_events(int(n), image, (int(w), int(h)), seed=8, id_prefix=prefix, unique=int(unique), envelope=envelope)
+t0 = time.process_time()
+produce(servers, topic, events, rate=float(rate))
+print(time.process_time() - t0)  # its CPU seconds producing (drawing the images left out)
 """
 
 
@@ -387,9 +424,11 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             t_start = time.time()
             cpu0 = time.process_time()
             with Profiler(profile, gil=profile_gil) as prof:
+                threads0 = thread_cpu_seconds()
                 thread.start()
                 _wait(worker, events, deadline, thread.is_alive)
                 cpu = time.process_time() - cpu0
+                threads1 = thread_cpu_seconds()
             stats = worker.stats.snapshot()
         else:
             from kafka.structs import TopicPartition  # noqa: PLC0415
@@ -403,10 +442,10 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                 _pass_gate(Path(start_gate), deadline)
             t_start = time.time()
             with Profiler(profile, gil=profile_gil) as prof:
-                cpu0 = time.process_time()
+                cpu0, threads0 = time.process_time(), thread_cpu_seconds()
                 _feed_memory(worker, records, partitions, None, settings.max_in_flight)
                 _wait(worker, events, deadline, lambda: True)
-                cpu = time.process_time() - cpu0
+                cpu, threads1 = time.process_time() - cpu0, thread_cpu_seconds()
             stats = worker.stats.snapshot()
         busy = stats["last_acked_at"] - stats["first_consumed_at"]
         rate = events / busy
@@ -417,6 +456,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             "worker_seconds_including_startup": round(stats["last_acked_at"] - t_start, 2),
             "measured_epoch_s": [stats["first_consumed_at"], stats["last_acked_at"]],
             "cpu_seconds_per_event_ms": round(1000 * cpu / events, 3),
+            "thread_cpu_ms_per_event": thread_cpu_share(threads0, threads1, events),
             "mean_batch_size": round(events / max(1, stats["batches"]), 1),
             "stage_ms_per_event": {k: round(1000 * v / events, 3) for k, v in stats["stage_seconds"].items() if v},
         })
@@ -425,25 +465,39 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
         if latency:
             target = latency_rate or 0.5 * rate
             log(f"latency phase: {n_lat} events at {target:.0f}/s" + ("" if latency_rate else " (half the measured rate)"))
-            worker.stats.latencies, worker.stats.latency_stages = [], []
-            acked0 = worker.stats.inputs_acked
+            worker.stats.latencies, worker.stats.latency_stages, worker.stats.latencies_created = [], [], []
+            acked0, batches0 = worker.stats.inputs_acked, worker.stats.batches
             recs = [e.record() for e in lat_evs]
+            extra: dict = {}
             if source == "kafka":
                 # the load generator in its own process: it must not share the worker's GIL
                 proc = subprocess.Popen([sys.executable, "-c", _PACED_PRODUCER, bootstrap_servers, f"{run}.images",
                                          image, f"{size[0]}x{size[1]}", str(n_lat), str(target), f"{run}-lat",
                                          str(unique_images), envelope],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                cpu0 = time.process_time()  # from here: the generator draws its images first, then sends
+                threads0 = thread_cpu_seconds()
                 _wait(worker, acked0 + n_lat, deadline, thread.is_alive)
-                if proc.wait(60) != 0:
-                    raise RuntimeError(f"paced producer failed: {proc.stderr.read().decode()[-800:]}")
+                cpu, threads1 = time.process_time() - cpu0, thread_cpu_seconds()
+                out, err = proc.communicate(timeout=60)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"paced producer failed: {err.decode()[-800:]}")
+                # on a small machine the load generator takes CPU from the worker: say how much
+                extra["load_generator_cpu_ms_per_event"] = round(1000 * float(out.split()[-1]) / n_lat, 3)
             else:
+                cpu0, threads0 = time.process_time(), thread_cpu_seconds()
                 _feed_memory(worker, recs, partitions, target,
                              settings.max_in_flight, offset0=events)
                 _wait(worker, acked0 + n_lat, deadline, lambda: True)
+                cpu, threads1 = time.process_time() - cpu0, thread_cpu_seconds()
             result["latency_at_half_rate"] = {"rate_per_s": round(target, 1), "max_wait_ms": max_wait_ms,
                                               **_percentiles(worker.stats.latencies),
-                                              "stages": _stage_percentiles(worker.stats.latency_stages)}
+                                              "stages": _stage_percentiles(worker.stats.latency_stages),
+                                              "created_to_acked": _percentiles(worker.stats.latencies_created),
+                                              "cpu_seconds_per_event_ms": round(1000 * cpu / n_lat, 3),
+                                              "thread_cpu_ms_per_event": thread_cpu_share(threads0, threads1, n_lat),
+                                              "mean_batch_size": round(n_lat / max(1, worker.stats.batches - batches0), 1),
+                                              **extra}
         if source == "kafka":
             worker.request_stop()
             thread.join(60)

@@ -128,6 +128,9 @@ class WorkerStats:
     latencies: list | None = None  # consume -> acked seconds per input, when a benchmark asks
     # ... and its parts (LATENCY_STAGES), in seconds
     latency_stages: list | None = None
+    # created_at (the event's own clock, when it says) -> acked: what the consume clock leaves out
+    # (the producer's batching, the broker, a fetch waiting for more bytes)
+    latencies_created: list | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -148,7 +151,7 @@ class WorkerStats:
     def snapshot(self) -> dict:
         with self._lock:
             snap = {k: v for k, v in vars(self).items()
-                    if not k.startswith("_") and k not in ("latencies", "latency_stages")}
+                    if not k.startswith("_") and k not in ("latencies", "latency_stages", "latencies_created")}
             snap["stage_seconds"] = dict(self.stage_seconds)
             return snap
 
@@ -474,6 +477,8 @@ class Pipeline:
                                               p.published_at - p.finish_at, time.monotonic() - p.published_at))
         if p.event is not None and p.event.created_at is not None:
             metrics.END_TO_END_SECONDS.labels(clock="created_at").observe(max(0.0, now - p.event.created_at))
+            if self.stats.latencies_created is not None:
+                self.stats.latencies_created.append(now - p.event.created_at)
         self.stats.last_acked_at = now
         self.stats.add(inputs_acked=1)
 
