@@ -214,6 +214,14 @@ def test_every_queried_metric_is_defined_in_metrics_py():
     assert not problems, "\n".join(problems)
 
 
+def _supervisor_only() -> set[str]:
+    """Queryable names only ``moderator run --processes N``'s supervisor exports."""
+    from moderator.metrics import SUPERVISOR_ONLY
+
+    prefixes = tuple(m._name for m in SUPERVISOR_ONLY)  # noqa: SLF001
+    return {n for n in _registry_metrics() if n.startswith(prefixes)}
+
+
 # Metrics that only get samples when something happens that this run does not provoke.
 # only move on rare events, or when the policy lists banks or a shadow policy is set
 EVENT_DRIVEN = {"moderator_policy_reloads_total", "moderator_redis_errors_total", "moderator_bank_matches_total",
@@ -301,6 +309,7 @@ def test_real_worker_exports_every_metric_the_dashboard_and_rules_query(
 
     exposed = exposed_names(families)
     d, r, names = queried()
+    names = {n: w for n, w in names.items() if n not in _supervisor_only()}  # the next test has those
     missing = {n: w for n, w in names.items() if n not in exposed}
     assert not missing, "queried by the dashboard/rules but not exported by the worker:\n" + "\n".join(
         f"  {n}: {', '.join(w[:3])}" for n, w in sorted(missing.items()))
@@ -349,3 +358,12 @@ def test_supervisors_metrics_pass_promtool_with_a_process_label_per_series(
     unlabelled = [s.name for f in families.values() for s in f.samples
                   if f.name != "moderator_worker_processes" and "process" not in s.labels]
     assert not unlabelled, unlabelled
+    # what the dashboard and the rules query of the supervisor's own series, it exports (the
+    # restart counter has a sample per process from the start, at 0), with the labels they match
+    d, r, names = queried()
+    exposed = exposed_names(families.values())
+    own = {n for n in names if n in _supervisor_only()}
+    assert own and all(exposed.get(n, ("", set(), 0))[2] > 0 for n in own), (own, exposed.keys())
+    problems = _check_labels([x for x in d.selectors() + r.selectors() if x.name in own],
+                             {n: exposed[n][1] for n in own}, set())
+    assert not problems, "\n".join(problems)
