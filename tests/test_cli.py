@@ -92,3 +92,12 @@ def test_usage_errors_are_caught_before_any_connection(capsys, monkeypatch):
     monkeypatch.setenv("MODERATOR_LOG_FORMAT", "JSON")
     assert main(["docs", "metrics"]) == 2
     assert "must be text or json" in capsys.readouterr().err
+
+
+def test_bench_worker_offers_every_envelope_produce_writes():
+    from moderator.cli import BENCH_ENVELOPES, build_parser
+    from moderator.produce import ENVELOPES
+
+    assert BENCH_ENVELOPES == ENVELOPES
+    args = build_parser().parse_args(["bench-worker", "--model", "m", "--policy", "p", "--envelope", ENVELOPES[-1]])
+    assert args.envelope == ENVELOPES[-1]
