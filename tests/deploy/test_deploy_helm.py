@@ -129,6 +129,7 @@ def test_values_schema_rejects_bad_values(helm, args, message):
     (["--set", "redis.url=redis://r:6379", "--set", "redis.tls.existingSecret=ca"], "needs a rediss://"),
     (["--set", "redis.url=redis://r:6379", "--set", "redis.usernameKey=user"], "needs redis.existingSecret"),
     (["--set", "kafka.tls.certKey=tls.crt"], "certKey and keyKey"),
+    (["--set", "banks.volume.persistentVolumeClaim.claimName=b", "--set", "banks.mountPath=/tmp/"], "already mounted"),
 ])
 def test_template_guards(helm, args, message):
     r = render(helm, None, *args, check=False)
@@ -136,6 +137,19 @@ def test_template_guards(helm, args, message):
 
 
 # --- what the manifests say -------------------------------------------------------------------
+
+
+def test_banks_volume_is_mounted_read_only_where_the_policy_names_it(helm):
+    manifests = docs(render(helm, None, "--set", "banks.volume.persistentVolumeClaim.claimName=moderator-banks",
+                            "--set", "banks.subPath=prod").stdout)
+    dep = by_kind(manifests, "Deployment")[0]
+    mounts = {m["name"]: m for m in worker_container(dep)["volumeMounts"]}
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert mounts["banks"] == {"name": "banks", "mountPath": "/srv/moderator/banks", "readOnly": True,
+                               "subPath": "prod"}
+    assert volumes["banks"] == {"name": "banks", "persistentVolumeClaim": {"claimName": "moderator-banks"}}
+    plain = by_kind(docs(render(helm, None).stdout), "Deployment")[0]  # none unless asked for
+    assert "banks" not in {m["name"] for m in worker_container(plain)["volumeMounts"]}
 
 
 @pytest.mark.parametrize("values", VALUES_FILES, ids=lambda p: p.stem)

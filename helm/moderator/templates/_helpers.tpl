@@ -71,6 +71,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (eq .Values.model.source "volume") (empty .Values.model.volume) -}}
 {{- fail "model.source=volume needs model.volume (a pod volume source, e.g. persistentVolumeClaim)" -}}
 {{- end -}}
+{{- if and .Values.banks.volume (has (clean .Values.banks.mountPath) (list "/etc/moderator/policy" (clean .Values.model.mountPath) "/tmp")) -}}
+{{- fail (printf "banks.mountPath %s is already mounted (the policy, the model or /tmp): pick another directory" .Values.banks.mountPath) -}}
+{{- end -}}
 {{- if and (hasPrefix "SASL" .Values.kafka.securityProtocol) (empty .Values.kafka.sasl.existingSecret) -}}
 {{- fail (printf "kafka.securityProtocol=%s needs kafka.sasl.existingSecret" .Values.kafka.securityProtocol) -}}
 {{- end -}}
