@@ -113,6 +113,7 @@ def test_kafka_source_with_latency_counts_every_event_and_every_clock(random_mod
     # least its consume clock (less the 1 ms the ISO timestamp truncates)
     assert lat["created_to_acked"]["p50_ms"] >= lat["p50_ms"] - 1
     assert lat["load_generator_cpu_ms_per_event"] > 0 and lat["cpu_seconds_per_event_ms"] > 0
+    assert 0.5 * 40 < lat["load_generator_rate_per_s"] < 1.5 * 40  # it kept the asked rate
     assert 1 <= lat["mean_batch_size"] <= 8
 
 

@@ -354,8 +354,10 @@ servers, topic, image, size, n, rate, prefix, unique, envelope = sys.argv[1:10]
 w, _, h = size.partition("x")
 events = bench_events(int(n), image, (int(w), int(h)), seed=8, id_prefix=prefix, unique=int(unique), envelope=envelope)
 t0 = time.process_time()
-produce(servers, topic, events, rate=float(rate))
-print(time.process_time() - t0)  # its CPU seconds producing (drawing the images left out)
+report = produce(servers, topic, events, rate=float(rate))
+stamps = sorted(report.sent_at.values())
+# its CPU seconds producing (drawing the images left out), and the rate it kept
+print(time.process_time() - t0, (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9))
 """
 
 
@@ -483,7 +485,9 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                 if proc.returncode != 0:
                     raise RuntimeError(f"paced producer failed: {err.decode()[-800:]}")
                 # on a small machine the load generator takes CPU from the worker: say how much
-                extra["load_generator_cpu_ms_per_event"] = round(1000 * float(out.split()[-1]) / n_lat, 3)
+                gen_cpu, gen_rate = (float(x) for x in out.split()[-2:])
+                extra["load_generator_cpu_ms_per_event"] = round(1000 * gen_cpu / n_lat, 3)
+                extra["load_generator_rate_per_s"] = round(gen_rate, 1)  # below rate_per_s: it fell behind
             else:
                 cpu0, threads0 = time.process_time(), thread_cpu_seconds()
                 _feed_memory(worker, recs, partitions, target,
