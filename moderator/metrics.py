@@ -131,6 +131,13 @@ ASSIGNED_PARTITIONS = Gauge("moderator_assigned_partitions",
                             "input-topic partitions this worker holds (0: a ready standby, e.g. more replicas "
                             "than partitions)")
 WORKER_INFO = Info("moderator_worker", "Worker instance: client id, group, topics")
+THREAD_CPU = Counter(
+    "moderator_thread_cpu_seconds",
+    "CPU time of the worker's threads by what they do (Linux): prepare (parse, hash, decode, resize), encode "
+    "(the encoder's calling thread, decide, producer send calls), fetch, kafka-io (the consumer's network "
+    "loop), kafka-producer, native (ONNX Runtime's and CUDA's own threads), MainThread (the poll loop), ...",
+    ["thread"],
+)
 # the supervisor's own (``--processes N``), served beside its processes' series: registry=None
 # here, registered in the supervisor's registry only (a worker process never exposes them)
 WORKER_PROCESSES = Gauge("moderator_worker_processes", "worker processes the supervisor runs (--processes)",

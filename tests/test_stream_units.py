@@ -712,3 +712,48 @@ def test_a_cloudevent_with_an_unusable_data_id_is_dead_lettered_under_its_own_id
     with pytest.raises(InputError) as info:
         parse_record(b'{"id": ["x"], "image": {"url": "https://images.example/a.png"}}', None, headers)
     assert info.value.reason == "invalid_event" and info.value.event_id == "ce-78"
+
+
+def test_thread_labels_fold_pool_indexes_and_client_ids():
+    from moderator.worker.threadcpu import thread_label
+
+    cases = {"prepare_0": "prepare", "prepare_3": "prepare", "fetch_7": "fetch", "fetch-dns-2": "fetch-dns",
+             "encode": "encode", "MainThread": "MainThread", "ops-http": "ops-http",
+             "kafka-io-pod-7d9f-1234": "kafka-io", "pod-7d9f-1234-producer-network-thread": "kafka-producer",
+             "pod-7d9f-1234-shadow-network-thread": "kafka-producer-shadow", "Thread-12 (serve)": "other",
+             None: "native"}
+    assert {name: thread_label(name) for name in cases} == cases
+
+
+def test_thread_cpu_counter_only_grows_while_threads_come_and_go():
+    from prometheus_client import CollectorRegistry, Counter
+
+    from moderator.worker.threadcpu import ThreadCpu
+
+    registry = CollectorRegistry()
+    counter = Counter("t_cpu_seconds", "test", ["thread"], registry=registry)
+    snapshots = iter([
+        [(10, 100, "prepare_0", 1.0), (11, 100, "prepare_1", 2.0), (12, 50, None, 0.5)],
+        [(10, 100, "prepare_0", 1.5), (12, 50, None, 0.75)],  # prepare_1 ended: its total stays
+        [(10, 100, "prepare_0", 1.5), (12, 50, None, 0.75), (11, 900, "encode", 0.25)],  # id 11 reused
+    ])
+    account = ThreadCpu(counter, read=lambda: next(snapshots))
+
+    def value(thread: str) -> float:
+        return registry.get_sample_value("t_cpu_seconds_total", {"thread": thread}) or 0.0
+
+    account.update()
+    assert (value("prepare"), value("native")) == (3.0, 0.5)
+    account.update()
+    assert (value("prepare"), value("native")) == (3.5, 0.75)
+    account.update()  # a new thread with an old id counts from its own start
+    assert (value("prepare"), value("native"), value("encode")) == (3.5, 0.75, 0.25)
+
+
+def test_thread_cpu_reads_this_process_threads():
+    from moderator.worker.threadcpu import cpu_by_label, read_threads
+
+    threads = read_threads()
+    me = threading.get_native_id()
+    assert any(tid == me and name == threading.current_thread().name for tid, _, name, _ in threads)
+    assert cpu_by_label(threads)[threading.current_thread().name] > 0

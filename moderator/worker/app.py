@@ -57,6 +57,7 @@ from moderator.worker.commits import OffsetCommitter
 from moderator.worker.http import OpsServer
 from moderator.worker.offsets import OffsetTracker
 from moderator.worker.pipeline import BatchStages, Pipeline, WorkerStats, WorkItem
+from moderator.worker.threadcpu import ThreadCpu
 from moderator.worker.transactions import BatchTransactions
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,8 @@ class Worker:
     def _start(self, closing: contextlib.ExitStack) -> None:
         """Everything that serves, each with its teardown registered (undone in reverse order)."""
         s = self.s
-        self.ops = OpsServer(s.http_host, s.http_port, health=self._health, ready=self._ready_probe).start()
+        self.ops = OpsServer(s.http_host, s.http_port, health=self._health, ready=self._ready_probe,
+                             before_scrape=ThreadCpu().update).start()
         closing.callback(self.ops.stop)
         metrics.WORKER_READY.set_function(lambda: float(self._ready_probe()[0]))
         metrics.ASSIGNED_PARTITIONS.set_function(lambda: float(len(self.tracker.assigned())))

@@ -227,26 +227,13 @@ def summarize_collapsed(text: str, top: int = 12) -> dict:
 
 
 def thread_cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) so far of each live thread of this process, summed by Python
-    thread name without its pool index (``prepare_0`` and ``prepare_1`` are ``prepare``); threads
-    Python did not start (ONNX Runtime's pool, native libraries') are ``native``. Linux /proc;
-    ``{}`` elsewhere. What py-spy cannot say: its samples count a thread waiting in a system call
-    as busy."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
-    out: Counter = Counter()
-    try:
-        tasks = list(Path("/proc/self/task").iterdir())
-    except OSError:
-        return {}
-    for task in tasks:
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # ended meanwhile
-        name = names.get(int(task.name), "native").rstrip("_0123456789") or "native"
-        out[name] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15 of stat)
-    return dict(out)
+    """CPU seconds (user + system) so far of the live threads of this process, by label
+    (``moderator.worker.threadcpu.thread_label``: ``prepare``, ``encode``, ``kafka-io``,
+    ``kafka-producer``, ``native`` for threads Python did not start, ...). Linux /proc; ``{}``
+    elsewhere. What py-spy cannot say: its samples count a thread waiting in a system call as busy."""
+    from moderator.worker.threadcpu import cpu_by_label  # noqa: PLC0415
+
+    return cpu_by_label()
 
 
 def thread_cpu_share(before: dict[str, float], after: dict[str, float], events: int, top: int = 8) -> dict:

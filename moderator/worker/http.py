@@ -21,13 +21,20 @@ Probe = Callable[[], tuple[bool, dict]]
 class OpsServer:
     """Serves in a daemon thread; ``port`` is the bound port (useful with port 0)."""
 
-    def __init__(self, host: str, port: int, *, health: Probe, ready: Probe, registry=REGISTRY) -> None:
+    def __init__(self, host: str, port: int, *, health: Probe, ready: Probe, registry=REGISTRY,
+                 before_scrape: Callable[[], None] | None = None) -> None:
+        """``before_scrape``: refreshes what is computed at scrape time (the threads' CPU)."""
         probes = {"/healthz": health, "/readyz": ready}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
+                    if before_scrape is not None:
+                        try:
+                            before_scrape()
+                        except Exception:  # a scrape still answers with what is there
+                            log.exception("refreshing metrics before a scrape failed")
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif path in probes:
                     try:
