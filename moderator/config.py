@@ -233,7 +233,7 @@ class WorkerSettings(KafkaClientSettings, RedisClientSettings):
         default=1, ge=1, description="the broker answers a fetch once it has this many bytes for it (Kafka's "
                                      "fetch.min.bytes; 1: as soon as there is a record)...")
     consumer_fetch_max_wait_ms: int = Field(
-        default=500, ge=0, description="...or after this long (fetch.max.wait.ms). At low rates, raising both "
+        default=500, ge=0, le=10_000, description="...or after this long (fetch.max.wait.ms). At low rates, raising both "
                                        "(e.g. 1048576 and 25) gathers several records per fetch: less CPU "
                                        "per event, up to this much more latency")
     commit_interval_ms: int = Field(default=500, ge=10, description="how often acknowledged offsets commit")

@@ -25,6 +25,7 @@ def test_memory_source_runs_the_whole_pipeline(random_model_dir, tmp_path):
         assert r[key] > 0, key
     assert {"parse", "hash_cache", "decode", "encode", "score", "publish_call"} <= set(r["stage_ms_per_event"])
     assert 1 <= r["mean_batch_size"] <= 8  # max_batch
+    assert {"prepare", "encode"} <= set(r["thread_cpu_ms_per_event"])  # 400 events: many kernel ticks each
     lat = r["latency_at_half_rate"]
     assert lat["n"] == 30 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     # its parts, each measured per input: together they are the whole (p50s of parts need not add up)
@@ -105,15 +106,16 @@ def test_kafka_source_with_latency_counts_every_event_and_every_clock(random_mod
                      latency=True, latency_events=20, latency_rate=40, overrides={"ort_threads": 1},
                      log=lambda m: None)
     assert r["decisions_on_topic"] == 60 and r["dead_letters"] == 0
-    assert {"prepare", "encode"} <= set(r["thread_cpu_ms_per_event"])
-    assert all(v > 0 for v in r["thread_cpu_ms_per_event"].values())
+    # (40 small events may cost a thread less than the kernel's 10 ms tick: no names asserted here)
+    assert r["thread_cpu_ms_per_event"] and all(v > 0 for v in r["thread_cpu_ms_per_event"].values())
     lat = r["latency_at_half_rate"]
     assert lat["n"] == 20 and lat["created_to_acked"]["n"] == 20
     # created_at is stamped before the record is sent, so each input's created clock reads at
     # least its consume clock (less the 1 ms the ISO timestamp truncates)
     assert lat["created_to_acked"]["p50_ms"] >= lat["p50_ms"] - 1
     assert lat["load_generator_cpu_ms_per_event"] > 0 and lat["cpu_seconds_per_event_ms"] > 0
-    assert 0.5 * 40 < lat["load_generator_rate_per_s"] < 1.5 * 40  # it kept the asked rate
+    # paced, not as fast as it goes (the lower bound leaves room for a first send waiting on metadata)
+    assert 0.25 * 40 < lat["load_generator_rate_per_s"] < 1.5 * 40
     assert 1 <= lat["mean_batch_size"] <= 8
 
 

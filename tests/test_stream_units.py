@@ -735,7 +735,8 @@ def test_thread_cpu_counter_only_grows_while_threads_come_and_go():
     snapshots = iter([
         [(10, 100, "prepare_0", 1.0), (11, 100, "prepare_1", 2.0), (12, 50, None, 0.5)],
         [(10, 100, "prepare_0", 1.5), (12, 50, None, 0.75)],  # prepare_1 ended: its total stays
-        [(10, 100, "prepare_0", 1.5), (12, 50, None, 0.75), (11, 900, "encode", 0.25)],  # id 11 reused
+        [(10, 100, "prepare_0", 1.5), (12, 50, None, 0.75), (11, 900, "encode", 0.25)],
+        [(10, 100, "prepare_0", 1.5), (12, 60, "fetch_0", 0.125)],  # id 12 reused at once, less CPU so far
     ])
     account = ThreadCpu(counter, read=lambda: next(snapshots))
 
@@ -748,6 +749,8 @@ def test_thread_cpu_counter_only_grows_while_threads_come_and_go():
     assert (value("prepare"), value("native")) == (3.5, 0.75)
     account.update()  # a new thread with an old id counts from its own start
     assert (value("prepare"), value("native"), value("encode")) == (3.5, 0.75, 0.25)
+    account.update()  # the id of a thread seen last time, on a new thread: its own CPU, not a negative delta
+    assert (value("prepare"), value("native"), value("encode"), value("fetch")) == (3.5, 0.75, 0.25, 0.125)
 
 
 def test_thread_cpu_reads_this_process_threads():

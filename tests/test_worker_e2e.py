@@ -226,3 +226,7 @@ def test_consumer_fetch_settings_reach_the_kafka_consumer(kafka_bootstrap, monke
     monkeypatch.delenv("MODERATOR_CONSUMER_FETCH_MAX_WAIT_MS")
     defaults = WorkerSettings()
     assert (defaults.consumer_fetch_min_bytes, defaults.consumer_fetch_max_wait_ms) == (1, 500)  # Kafka's own
+    # kafka-python refuses a fetch wait at or above its request timeout (15 s here): a usage error
+    monkeypatch.setenv("MODERATOR_CONSUMER_FETCH_MAX_WAIT_MS", "15000")
+    with pytest.raises(ValueError, match="consumer_fetch_max_wait_ms"):
+        WorkerSettings()

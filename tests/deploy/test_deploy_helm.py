@@ -129,7 +129,12 @@ def test_values_schema_rejects_bad_values(helm, args, message):
     (["--set", "redis.url=redis://r:6379", "--set", "redis.tls.existingSecret=ca"], "needs a rediss://"),
     (["--set", "redis.url=redis://r:6379", "--set", "redis.usernameKey=user"], "needs redis.existingSecret"),
     (["--set", "kafka.tls.certKey=tls.crt"], "certKey and keyKey"),
-    (["--set", "banks.volume.persistentVolumeClaim.claimName=b", "--set", "banks.mountPath=/tmp/"], "already mounted"),
+    (["--set", "banks.volume.persistentVolumeClaim.claimName=b", "--set", "banks.mountPath=/tmp/"], "overlaps /tmp"),
+    (["--set", "banks.volume.persistentVolumeClaim.claimName=b", "--set", "banks.mountPath=/etc/moderator"],
+     "overlaps /etc/moderator/policy"),
+    (["--set", "banks.volume.persistentVolumeClaim.claimName=b", "--set", "banks.mountPath=/etc/moderator/policy/b"],
+     "overlaps /etc/moderator/policy"),
+    (["--set", "banks.volume.persistentVolumeClaim.claimName=b", "--set", "banks.mountPath=/"], "overlaps"),
 ])
 def test_template_guards(helm, args, message):
     r = render(helm, None, *args, check=False)

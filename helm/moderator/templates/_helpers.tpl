@@ -59,6 +59,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- include "moderator.imageRef" (dict "repository" .Values.image.repository "tag" $tag "digest" .Values.image.digest) -}}
 {{- end -}}
 
+{{/* Where the worker container mounts its fixed volumes. */}}
+{{- define "moderator.policyDir" -}}/etc/moderator/policy{{- end -}}
+{{- define "moderator.kafkaTlsDir" -}}/etc/moderator/kafka-tls{{- end -}}
+{{- define "moderator.redisTlsDir" -}}/etc/moderator/redis-tls{{- end -}}
+
 {{- define "moderator.policyConfigMap" -}}
 {{- .Values.policy.existingConfigMap | default (printf "%s-policy" (include "moderator.fullname" .)) -}}
 {{- end -}}
@@ -71,8 +76,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (eq .Values.model.source "volume") (empty .Values.model.volume) -}}
 {{- fail "model.source=volume needs model.volume (a pod volume source, e.g. persistentVolumeClaim)" -}}
 {{- end -}}
-{{- if and .Values.banks.volume (has (clean .Values.banks.mountPath) (list "/etc/moderator/policy" (clean .Values.model.mountPath) "/tmp")) -}}
-{{- fail (printf "banks.mountPath %s is already mounted (the policy, the model or /tmp): pick another directory" .Values.banks.mountPath) -}}
+{{- if .Values.banks.volume -}}
+{{- $banks := clean .Values.banks.mountPath -}}
+{{- /* the model's path even when baked: the image holds the model there */ -}}
+{{- $taken := list (include "moderator.policyDir" .) (include "moderator.kafkaTlsDir" .) (include "moderator.redisTlsDir" .) (clean .Values.model.mountPath) "/tmp" -}}
+{{- range $taken -}}
+{{- if or (eq $banks "/") (eq $banks .) (hasPrefix (printf "%s/" .) $banks) (hasPrefix (printf "%s/" $banks) .) -}}
+{{- fail (printf "banks.mountPath %s overlaps %s (the policy, the model, TLS files or /tmp): give the banks a directory of their own" $banks .) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if and (hasPrefix "SASL" .Values.kafka.securityProtocol) (empty .Values.kafka.sasl.existingSecret) -}}
 {{- fail (printf "kafka.securityProtocol=%s needs kafka.sasl.existingSecret" .Values.kafka.securityProtocol) -}}
