@@ -510,7 +510,9 @@ def test_helm_test_script_waits_for_a_ready_worker(helm, tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Readyz)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        for ready_after, timeout, rc in ((2, 30, 0), (10**6, 3, 1)):
+        # never ready: 5 s, so the script asks at least twice (0 s and after its 2 s sleep) even when a
+        # loaded machine starts it late in a second (with 3 s it was once asked only once)
+        for ready_after, timeout, rc in ((2, 30, 0), (10**6, 5, 1)):
             answers.clear()
             server.ready_after = ready_after
             (pod,) = by_kind(docs(render(helm, None, "--set", f"tests.timeoutSeconds={timeout}").stdout), "Pod")
