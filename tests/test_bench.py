@@ -119,18 +119,19 @@ def test_kafka_source_with_latency_counts_every_event_and_every_clock(random_mod
     assert 1 <= lat["mean_batch_size"] <= 8
 
 
-def test_thread_cpu_seconds_groups_pool_threads_by_name():
+def test_cpu_by_label_groups_pool_threads_by_name():
     import threading
     import time
 
-    from moderator.worker.bench import thread_cpu_seconds, thread_cpu_share
+    from moderator.worker.bench import thread_cpu_share
+    from moderator.worker.threadcpu import cpu_by_label
 
     def spin() -> None:
         t0 = time.thread_time()
         while time.thread_time() - t0 < 0.3:
             pass
 
-    before = thread_cpu_seconds()
+    before = cpu_by_label()
     held = threading.Event()
 
     def spin_then_hold() -> None:  # alive when sampled: an ended thread's time is gone from /proc
@@ -142,9 +143,9 @@ def test_thread_cpu_seconds_groups_pool_threads_by_name():
         t.start()
     time.sleep(0.1)
     deadline = time.monotonic() + 30
-    while thread_cpu_seconds().get("spinner", 0) < 0.55 and time.monotonic() < deadline:
+    while cpu_by_label().get("spinner", 0) < 0.55 and time.monotonic() < deadline:
         time.sleep(0.05)
-    after = thread_cpu_seconds()
+    after = cpu_by_label()
     held.set()
     for t in threads:
         t.join()

@@ -54,6 +54,8 @@ from typing import Callable
 
 import numpy as np
 
+from moderator.worker.threadcpu import cpu_by_label
+
 # --- inputs -------------------------------------------------------------------------------------
 
 
@@ -226,18 +228,8 @@ def summarize_collapsed(text: str, top: int = 12) -> dict:
 # --- CPU per thread ------------------------------------------------------------------------------------
 
 
-def thread_cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) so far of the live threads of this process, by label
-    (``moderator.worker.threadcpu.thread_label``: ``prepare``, ``encode``, ``kafka-io``,
-    ``kafka-producer``, ``native`` for threads Python did not start, ...). Linux /proc; ``{}``
-    elsewhere. What py-spy cannot say: its samples count a thread waiting in a system call as busy."""
-    from moderator.worker.threadcpu import cpu_by_label  # noqa: PLC0415
-
-    return cpu_by_label()
-
-
 def thread_cpu_share(before: dict[str, float], after: dict[str, float], events: int, top: int = 8) -> dict:
-    """Milliseconds of CPU per event per thread group between two ``thread_cpu_seconds``
+    """Milliseconds of CPU per event per thread label between two ``cpu_by_label()``
     (threads that ended meanwhile are missing from ``after``: their time is lost)."""
     diff = {k: after[k] - before.get(k, 0.0) for k in after}
     ranked = sorted(((k, v) for k, v in diff.items() if v > 0), key=lambda kv: -kv[1])[:top]
@@ -414,11 +406,11 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
             t_start = time.time()
             cpu0 = time.process_time()
             with Profiler(profile, gil=profile_gil) as prof:
-                threads0 = thread_cpu_seconds()
+                threads0 = cpu_by_label()
                 thread.start()
                 _wait(worker, events, deadline, thread.is_alive)
                 cpu = time.process_time() - cpu0
-                threads1 = thread_cpu_seconds()
+                threads1 = cpu_by_label()
             stats = worker.stats.snapshot()
         else:
             from kafka.structs import TopicPartition  # noqa: PLC0415
@@ -432,10 +424,10 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                 _pass_gate(Path(start_gate), deadline)
             t_start = time.time()
             with Profiler(profile, gil=profile_gil) as prof:
-                cpu0, threads0 = time.process_time(), thread_cpu_seconds()
+                cpu0, threads0 = time.process_time(), cpu_by_label()
                 _feed_memory(worker, records, partitions, None, settings.max_in_flight)
                 _wait(worker, events, deadline, lambda: True)
-                cpu, threads1 = time.process_time() - cpu0, thread_cpu_seconds()
+                cpu, threads1 = time.process_time() - cpu0, cpu_by_label()
             stats = worker.stats.snapshot()
         busy = stats["last_acked_at"] - stats["first_consumed_at"]
         rate = events / busy
@@ -469,9 +461,9 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                     # the window starts once the generator has drawn its images and starts sending
                     if proc.stdout.readline().strip() != b"ready":
                         raise RuntimeError(f"paced producer failed: {proc.communicate(timeout=60)[1].decode()[-800:]}")
-                    cpu0, threads0 = time.process_time(), thread_cpu_seconds()
+                    cpu0, threads0 = time.process_time(), cpu_by_label()
                     _wait(worker, acked0 + n_lat, deadline, thread.is_alive)
-                    cpu, threads1 = time.process_time() - cpu0, thread_cpu_seconds()
+                    cpu, threads1 = time.process_time() - cpu0, cpu_by_label()
                     out, err = proc.communicate(timeout=60)
                 finally:
                     if proc.poll() is None:
@@ -487,11 +479,11 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                 extra["load_generator_cpu_ms_per_event"] = round(1000 * gen_cpu / n_lat, 3)
                 extra["load_generator_rate_per_s"] = round(gen_rate, 1)  # below rate_per_s: it fell behind
             else:
-                cpu0, threads0 = time.process_time(), thread_cpu_seconds()
+                cpu0, threads0 = time.process_time(), cpu_by_label()
                 _feed_memory(worker, recs, partitions, target,
                              settings.max_in_flight, offset0=events)
                 _wait(worker, acked0 + n_lat, deadline, lambda: True)
-                cpu, threads1 = time.process_time() - cpu0, thread_cpu_seconds()
+                cpu, threads1 = time.process_time() - cpu0, cpu_by_label()
             result["latency_at_half_rate"] = {"rate_per_s": round(target, 1), "max_wait_ms": max_wait_ms,
                                               **_percentiles(worker.stats.latencies),
                                               "stages": _stage_percentiles(worker.stats.latency_stages),
