@@ -280,6 +280,10 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
         if not sep:
             return _usage(f"moderator bench-worker: --set takes SETTING=VALUE, not {kv!r}")
         overrides[key.strip().lower().removeprefix("moderator_")] = value
+    if a.load_generator != "kafka-python" and (not (a.latency and a.source == "kafka") or a.processes > 1
+                                               or a.compare_guarantees or a.compare_policy):
+        return _usage("moderator bench-worker: --load-generator is the latency phase's producer: it needs "
+                      "--latency --source kafka (and no --processes or --compare-*)")
     if a.processes > 1:
         return _bench_worker_processes(a, overrides)
     if a.compare_guarantees:
@@ -314,8 +318,9 @@ def _cmd_bench_worker(a: argparse.Namespace) -> int:
                      envelope=a.envelope, unique_images=a.unique_images,
                      max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, partitions=a.partitions,
                      encoder_seconds=a.encoder_seconds, bootstrap_servers=a.bootstrap_servers, backend=a.backend,
-                     latency=a.latency, latency_events=a.latency_events, latency_rate=a.latency_rate, seed_loop_model=a.seed_loop_model,
-                     profile=a.profile, profile_gil=a.profile_gil, overrides=overrides, start_gate=a.start_gate,
+                     latency=a.latency, latency_events=a.latency_events, latency_rate=a.latency_rate,
+                     load_generator=a.load_generator, seed_loop_model=a.seed_loop_model, profile=a.profile,
+                     profile_gil=a.profile_gil, overrides=overrides, start_gate=a.start_gate,
                      log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(r))
     print(f"worker ({a.source}): {r['worker_decisions_per_s']} decisions/s; "
@@ -549,6 +554,7 @@ class _VersionAction(argparse.Action):
 
 BENCH_ENVELOPES = ("json", "cloudevents", "cloudevents-base64", "cloudevents-binary", "cloudevents-binary-image",
                    "raw")
+LOAD_GENERATORS = ("kafka-python", "librdkafka")  # moderator.produce.CLIENTS, likewise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -737,6 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--latency-rate", type=float,
                     help="events/s in the latency phase (default: half the measured rate); the JSON key stays "
                          "latency_at_half_rate with its rate_per_s")
+    bw.add_argument("--load-generator", choices=LOAD_GENERATORS, default="kafka-python",
+                    help="the latency phase's Kafka producer, in its own process: librdkafka (confluent-kafka, "
+                         "the dev extra) costs about a third of kafka-python's CPU per event, which a small "
+                         "machine otherwise takes from the worker (default: %(default)s)")
     bw.add_argument("--seed-loop-model", type=Path,
                     help="also time the prototype loop (6 prompts + the image per image, batch 1) on this model")
     bw.add_argument("--profile", type=Path, metavar="FILE",

@@ -34,7 +34,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 from cloudevents.core.bindings import kafka as ce_kafka
@@ -257,21 +257,114 @@ class ProduceReport:
         return self.sent / self.seconds if self.seconds > 0 else float("inf")
 
 
+CLIENTS = ("kafka-python", "librdkafka")
+
+
+class _KafkaPythonSender:
+    """kafka-python, the worker's own client: always installed."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, security: Mapping[str, object] | None) -> None:
+        from kafka import KafkaProducer  # noqa: PLC0415
+
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=True,
+                                      linger_ms=5, max_request_size=32 * 1024 * 1024,
+                                      client_id="moderator-produce", **dict(security or {}))
+        self.futures: list = []
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
+        self.futures.append(self.producer.send(topic, value=value, key=key, headers=headers))
+
+    def finish(self) -> None:
+        self.producer.flush(timeout=120)
+        for f in self.futures:
+            f.get(timeout=60)
+
+    def close(self) -> None:
+        self.producer.close(timeout=10)
+
+
+class _LibrdkafkaSender:
+    """librdkafka through confluent-kafka (the ``dev`` extra): a load generator that costs about a
+    quarter of kafka-python's CPU per paced event, for benchmarks on machines with few cores."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, security: Mapping[str, object] | None) -> None:
+        if security:
+            raise ValueError("the librdkafka client takes no TLS/SASL settings here; use kafka-python")
+        try:
+            from confluent_kafka import KafkaException, Producer  # noqa: PLC0415
+        except ImportError:
+            from moderator.errors import MissingDependency  # noqa: PLC0415
+
+            raise MissingDependency("the librdkafka client needs confluent-kafka: pip install 'moderator[dev]' "
+                                    "or pip install confluent-kafka") from None
+        self.exception = KafkaException
+        # the same guarantees as the kafka-python producer: every record acknowledged by all replicas, once
+        self.producer = Producer({"bootstrap.servers": bootstrap_servers, "acks": "all",
+                                  "enable.idempotence": True, "linger.ms": 5,
+                                  "message.max.bytes": 32 * 1024 * 1024, "client.id": "moderator-produce",
+                                  # keys to partitions as the Java client and kafka-python do
+                                  "partitioner": "murmur2_random",
+                                  "statistics.interval.ms": 100, "stats_cb": self._stats})
+        self.errors: list = []
+        # librdkafka connects, learns the topic's partitions and gets its idempotent producer id in the
+        # background, holding records meanwhile: ~0.5 s when the first id request finds no connection
+        # yet (measured), so a paced run would start with a burst. kafka-python's constructor waits.
+        self.ready = False
+        self.producer.list_topics(topic, timeout=30)
+        deadline = time.monotonic() + 30
+        while not self.ready and time.monotonic() < deadline:
+            self.producer.poll(0.05)
+        if not self.ready:
+            raise self.exception("librdkafka got no idempotent producer id within 30 s")
+
+    def _stats(self, stats: str) -> None:
+        if not self.ready:  # one check per 100 ms until the producer id is assigned, then nothing
+            self.ready = (json.loads(stats).get("eos") or {}).get("idemp_state") == "Assigned"
+
+    def _delivered(self, err, _msg) -> None:
+        if err is not None:
+            self.errors.append(err)
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers or None,
+                                      on_delivery=self._delivered)
+                break
+            except BufferError:  # its local queue is full: serve delivery reports until there is room
+                self.producer.poll(0.1)
+        self.producer.poll(0)  # delivery callbacks run here
+
+    def finish(self) -> None:
+        left = self.producer.flush(120)
+        if self.errors:
+            raise self.exception(self.errors[0])
+        if left:
+            raise self.exception(f"{left} records not acknowledged within 120 s")
+
+    def close(self) -> None:
+        self.producer.flush(10)  # confluent-kafka has no close(): the producer goes with its last reference
+
+
 def produce(bootstrap_servers: str, topic: str, events: Iterable[OutgoingEvent], *,
             rate: float | None = None, partition_by_key: bool = True,
-            security: Mapping[str, object] | None = None) -> ProduceReport:
+            security: Mapping[str, object] | None = None, client: str = "kafka-python",
+            on_ready: Callable[[], None] | None = None) -> ProduceReport:
     """Send ``events`` (``rate`` per second, or as fast as possible) and wait for every ack.
 
     ``security``: kafka-python keyword arguments (``KafkaClientSettings.kafka_security()``).
+    ``client``: ``kafka-python`` or ``librdkafka`` (confluent-kafka; no ``security``).
+    ``on_ready``: called once the client is connected, just before the first send (a benchmark's
+    window starts there).
     """
-    from kafka import KafkaProducer  # noqa: PLC0415
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=True,
-                             linger_ms=5, max_request_size=32 * 1024 * 1024, client_id="moderator-produce",
-                             **dict(security or {}))
+    if client not in CLIENTS:
+        raise ValueError(f"client is one of {', '.join(CLIENTS)}, not {client!r}")
+    sender = (_KafkaPythonSender if client == "kafka-python" else _LibrdkafkaSender)(bootstrap_servers, topic, security)
+    if on_ready is not None:
+        on_ready()
     expected: dict[str, str] = {}
     sent_at: dict[str, float] = {}
-    futures = []
+    sent = 0
     total_bytes = 0
     started_at = time.time()
     start = time.monotonic()
@@ -284,16 +377,14 @@ def produce(bootstrap_servers: str, topic: str, events: Iterable[OutgoingEvent],
             now = time.time()
             key, value, headers = ev.record(now)
             total_bytes += len(value or b"")
-            futures.append(producer.send(topic, value=value, key=key if partition_by_key else None,
-                                         headers=headers))
+            sender.send(topic, key if partition_by_key else None, value, headers)
+            sent += 1
             name = ev.id or (key.decode() if key else f"#{i}")
             expected[name], sent_at[name] = ev.expect, now
-        producer.flush(timeout=120)
-        for f in futures:
-            f.get(timeout=60)
+        sender.finish()
     finally:
-        producer.close(timeout=10)
-    return ProduceReport(len(futures), time.monotonic() - start, expected, total_bytes, sent_at, started_at)
+        sender.close()
+    return ProduceReport(sent, time.monotonic() - start, expected, total_bytes, sent_at, started_at)
 
 
 def ensure_topics(bootstrap_servers: str, topics: dict[str, int],

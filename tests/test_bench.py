@@ -98,13 +98,14 @@ def test_run_processes_through_kafka_measures_one_and_n_processes(random_model_d
     assert r["ratio_processes_to_one"] > 0
 
 
-def test_kafka_source_with_latency_counts_every_event_and_every_clock(random_model_dir, kafka_bootstrap):
+@pytest.mark.parametrize("generator", ["kafka-python", "librdkafka"])
+def test_kafka_source_with_latency_counts_every_event_and_every_clock(random_model_dir, kafka_bootstrap, generator):
     """--source kafka --latency: the pre-loaded events and the paced ones all decided on the
     topic; both latency clocks, the CPU per thread and the load generator's CPU reported."""
     r = bench_worker(random_model_dir, DEMO_POLICY_PATH, source="kafka", events=40, image="png", size=(40, 40),
                      max_batch=8, max_wait_ms=5, encoder_seconds=0.1, bootstrap_servers=kafka_bootstrap,
                      latency=True, latency_events=20, latency_rate=40, overrides={"ort_threads": 1},
-                     log=lambda m: None)
+                     load_generator=generator, log=lambda m: None)
     assert r["decisions_on_topic"] == 60 and r["dead_letters"] == 0
     # (40 small events may cost a thread less than the kernel's 10 ms tick: no names asserted here)
     assert r["thread_cpu_ms_per_event"] and all(v > 0 for v in r["thread_cpu_ms_per_event"].values())
@@ -117,6 +118,53 @@ def test_kafka_source_with_latency_counts_every_event_and_every_clock(random_mod
     # paced, not as fast as it goes (the lower bound leaves room for a first send waiting on metadata)
     assert 0.25 * 40 < lat["load_generator_rate_per_s"] < 1.5 * 40
     assert 1 <= lat["mean_batch_size"] <= 8
+    assert lat["load_generator"] == generator
+
+
+def test_librdkafka_client_sends_every_envelope_as_the_worker_reads_it(kafka_bootstrap, topic_factory, read_records):
+    """produce(client="librdkafka"): the benchmarks' cheaper load generator writes the same
+    records as kafka-python (key, headers, value), each acknowledged, partitioned by key."""
+    from kafka.partitioner.default import murmur2
+
+    from moderator.ingest import parse_record
+    from moderator.produce import ENVELOPES, produce, synthetic_events
+
+    events = list(synthetic_events(3 * len(ENVELOPES), seed=5, size=32, envelopes=ENVELOPES, id_prefix="rdk"))
+    topic = topic_factory(3)
+    ready = []
+    report = produce(kafka_bootstrap, topic, events, rate=200, client="librdkafka", on_ready=lambda: ready.append(1))
+    assert ready == [1] and report.sent == len(events) and set(report.expected) == {e.id for e in events}
+    records = read_records([topic], len(events), timeout_s=60)
+    assert len(records) == len(events), "every event acknowledged and on the topic, none twice"
+    by_id = {}
+    for r in records:
+        ev = parse_record(r.value, r.key, r.headers)
+        by_id[ev.id] = (ev, r)
+    for e in events:
+        ev, r = by_id[e.id]
+        stamp = None if e.envelope == "raw" else pytest.approx(report.sent_at[e.id], abs=0.001)  # raw has no clock
+        assert ev.data == e.image and ev.created_at == stamp, e.envelope
+        assert r.key == e.id.encode()
+        # the partition kafka-python (and the Java client) would pick for the key: murmur2
+        assert r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 3, e.id
+
+
+def test_librdkafka_client_refuses_what_it_cannot_do(monkeypatch):
+    import sys
+
+    from moderator.errors import MissingDependency
+    from moderator.produce import produce
+
+    with pytest.raises(ValueError, match="client is one of"):
+        produce("127.0.0.1:9", "t", [], client="rdkafka")
+    with pytest.raises(ValueError, match="no TLS/SASL"):  # before any connection
+        produce("127.0.0.1:9", "t", [], client="librdkafka", security={"security_protocol": "SSL"})
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # as if not installed
+    with pytest.raises(MissingDependency, match="confluent-kafka"):
+        produce("127.0.0.1:9", "t", [], client="librdkafka")
+    with pytest.raises(MissingDependency, match="confluent-kafka"):  # at once, before minutes of measuring
+        bench_worker("m", DEMO_POLICY_PATH, source="kafka", latency=True, load_generator="librdkafka",
+                     log=lambda m: None)
 
 
 def test_cpu_by_label_groups_pool_threads_by_name():

@@ -89,15 +89,20 @@ def test_usage_errors_are_caught_before_any_connection(capsys, monkeypatch):
     monkeypatch.setenv("MODERATOR_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
     assert main(["produce", "--topic", "t", "--synthetic", "1", "--envelopes", "json,nope"]) == 2
     assert "unknown 'nope'" in capsys.readouterr().err
+    # the load generator is the Kafka latency phase's: asked for anywhere else, say so at once
+    for extra in ([], ["--latency", "--source", "memory"], ["--latency", "--processes", "2"]):
+        assert main(["bench-worker", "--model", "m", "--policy", "p", "--load-generator", "librdkafka",
+                     *extra]) == 2, extra
+        assert "needs --latency --source kafka" in capsys.readouterr().err
     monkeypatch.setenv("MODERATOR_LOG_FORMAT", "JSON")
     assert main(["docs", "metrics"]) == 2
     assert "must be text or json" in capsys.readouterr().err
 
 
 def test_bench_worker_offers_every_envelope_produce_writes():
-    from moderator.cli import BENCH_ENVELOPES, build_parser
-    from moderator.produce import ENVELOPES
+    from moderator.cli import BENCH_ENVELOPES, LOAD_GENERATORS, build_parser
+    from moderator.produce import CLIENTS, ENVELOPES
 
-    assert BENCH_ENVELOPES == ENVELOPES
+    assert BENCH_ENVELOPES == ENVELOPES and LOAD_GENERATORS == CLIENTS
     args = build_parser().parse_args(["bench-worker", "--model", "m", "--policy", "p", "--envelope", ENVELOPES[-1]])
     assert args.envelope == ENVELOPES[-1]

@@ -329,14 +329,21 @@ import sys
 import time
 from moderator.produce import produce
 from moderator.worker.bench import bench_events
-servers, topic, image, size, n, rate, prefix, unique, envelope = sys.argv[1:10]
+servers, topic, image, size, n, rate, prefix, unique, envelope, client = sys.argv[1:11]
 w, _, h = size.partition("x")
 events = bench_events(int(n), image, (int(w), int(h)), seed=8, id_prefix=prefix, unique=int(unique), envelope=envelope)
-print("ready", flush=True)  # images drawn: the measured window starts now
-t0 = time.process_time()
-report = produce(servers, topic, events, rate=float(rate))
+t0 = 0.0
+
+
+def ready():  # images drawn, the client connected: the measured window starts now
+    global t0
+    print("ready", flush=True)
+    t0 = time.process_time()
+
+
+report = produce(servers, topic, events, rate=float(rate), client=client, on_ready=ready)
 stamps = sorted(report.sent_at.values())
-# its CPU seconds producing (drawing the images left out), and the rate it kept
+# its CPU seconds producing (drawing the images and connecting left out), and the rate it kept
 print(time.process_time() - t0, (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9))
 """
 
@@ -353,7 +360,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                  partitions: int = 3, encoder_seconds: float = 5.0, bootstrap_servers: str | None = None,
                  backend: str = "onnx", envelope: str = "json", unique_images: int = 256,
                  latency: bool = False, latency_events: int | None = None, latency_rate: float | None = None,
-                 seed_loop_model: Path | str | None = None, profile: Path | None = None, profile_gil: bool = False,
+                 load_generator: str = "kafka-python", seed_loop_model: Path | str | None = None, profile: Path | None = None, profile_gil: bool = False,
                  overrides: dict | None = None, timeout_s: float = 900.0, start_gate: Path | None = None,
                  log=print) -> dict:
     from moderator.config import WorkerSettings  # noqa: PLC0415
@@ -362,6 +369,18 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
 
     if source not in ("kafka", "memory"):
         raise ValueError("source is kafka or memory")
+    from moderator.produce import CLIENTS  # noqa: PLC0415
+
+    if load_generator not in CLIENTS:
+        raise ValueError(f"load_generator is one of {', '.join(CLIENTS)}, not {load_generator!r}")
+    if load_generator == "librdkafka" and latency and source == "kafka":
+        try:  # now, not after minutes of measuring
+            import confluent_kafka  # noqa: F401, PLC0415
+        except ImportError:
+            from moderator.errors import MissingDependency  # noqa: PLC0415
+
+            raise MissingDependency("--load-generator librdkafka needs confluent-kafka: pip install "
+                                    "'moderator[dev]' or pip install confluent-kafka") from None
     model_dir = Path(model_dir)
     run = f"bench-{uuid.uuid4().hex[:8]}"
     log(f"drawing {events} {image} events at {size[0]}x{size[1]} ...")
@@ -455,10 +474,10 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                 # the load generator in its own process: it must not share the worker's GIL
                 proc = subprocess.Popen([sys.executable, "-c", _PACED_PRODUCER, bootstrap_servers, f"{run}.images",
                                          image, f"{size[0]}x{size[1]}", str(n_lat), str(target), f"{run}-lat",
-                                         str(unique_images), envelope],
+                                         str(unique_images), envelope, load_generator],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 try:
-                    # the window starts once the generator has drawn its images and starts sending
+                    # the window starts once the generator has drawn its images, connected, and starts sending
                     if proc.stdout.readline().strip() != b"ready":
                         raise RuntimeError(f"paced producer failed: {proc.communicate(timeout=60)[1].decode()[-800:]}")
                     cpu0, threads0 = time.process_time(), cpu_by_label()
@@ -478,6 +497,7 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                 gen_cpu, gen_rate = (float(x) for x in out.split()[-2:])
                 extra["load_generator_cpu_ms_per_event"] = round(1000 * gen_cpu / n_lat, 3)
                 extra["load_generator_rate_per_s"] = round(gen_rate, 1)  # below rate_per_s: it fell behind
+                extra["load_generator"] = load_generator
             else:
                 cpu0, threads0 = time.process_time(), cpu_by_label()
                 _feed_memory(worker, recs, partitions, target,
