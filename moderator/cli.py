@@ -745,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "latency_at_half_rate with its rate_per_s")
     bw.add_argument("--load-generator", choices=LOAD_GENERATORS, default="kafka-python",
                     help="the latency phase's Kafka producer, in its own process: librdkafka (confluent-kafka, "
-                         "the dev extra) costs about a third of kafka-python's CPU per event, which a small "
+                         "the dev extra) costs about a quarter of kafka-python's CPU per event, which a small "
                          "machine otherwise takes from the worker (default: %(default)s)")
     bw.add_argument("--seed-loop-model", type=Path,
                     help="also time the prototype loop (6 prompts + the image per image, batch 1) on this model")

@@ -14,7 +14,9 @@ ratios (the machines are noisy; absolute numbers from different runs do not).
 - then the image encoder alone on the same images (``encoder_images_per_s``) and
   with preprocessing from decoded images (``encoder_with_preprocess_images_per_s``);
 - ``--latency``: a second phase at half the measured rate, reporting p50/p99 of
-  consume -> every output acknowledged;
+  consume -> every output acknowledged; with Kafka, a paced producer in its own
+  process feeds it (``--load-generator``: kafka-python, or librdkafka at a
+  quarter of the CPU, which a small machine otherwise takes from the worker);
 - ``--seed-loop-model``: the naive loop a first prototype runs (per image: embed 6
   prompts and the image at batch 1, compare) on that model, for the ``x seed loop``
   figure;
@@ -360,7 +362,8 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                  partitions: int = 3, encoder_seconds: float = 5.0, bootstrap_servers: str | None = None,
                  backend: str = "onnx", envelope: str = "json", unique_images: int = 256,
                  latency: bool = False, latency_events: int | None = None, latency_rate: float | None = None,
-                 load_generator: str = "kafka-python", seed_loop_model: Path | str | None = None, profile: Path | None = None, profile_gil: bool = False,
+                 load_generator: str = "kafka-python", seed_loop_model: Path | str | None = None,
+                 profile: Path | None = None, profile_gil: bool = False,
                  overrides: dict | None = None, timeout_s: float = 900.0, start_gate: Path | None = None,
                  log=print) -> dict:
     from moderator.config import WorkerSettings  # noqa: PLC0415
