@@ -310,12 +310,16 @@ class _LibrdkafkaSender:
         # background, holding records meanwhile: ~0.5 s when the first id request finds no connection
         # yet (measured), so a paced run would start with a burst. kafka-python's constructor waits.
         self.ready = False
-        self.producer.list_topics(topic, timeout=30)
-        deadline = time.monotonic() + 30
-        while not self.ready and time.monotonic() < deadline:
-            self.producer.poll(0.05)
-        if not self.ready:
-            raise self.exception("librdkafka got no idempotent producer id within 30 s")
+        try:
+            self.producer.list_topics(topic, timeout=30)
+            deadline = time.monotonic() + 30
+            while not self.ready and time.monotonic() < deadline:
+                self.producer.poll(0.05)
+            if not self.ready:
+                raise self.exception("librdkafka got no idempotent producer id within 30 s")
+        except BaseException:
+            self.producer = None  # its threads stop with it (it holds a callback to this object)
+            raise
 
     def _stats(self, stats: str) -> None:
         if not self.ready:  # one check per 100 ms until the producer id is assigned, then nothing
@@ -343,7 +347,10 @@ class _LibrdkafkaSender:
             raise self.exception(f"{left} records not acknowledged within 120 s")
 
     def close(self) -> None:
-        self.producer.flush(10)  # confluent-kafka has no close(): the producer goes with its last reference
+        # confluent-kafka has no close(): the producer and its threads go with its last reference,
+        # and its callbacks point back here, so drop it rather than wait for the cycle collector
+        self.producer.flush(10)
+        self.producer = None
 
 
 def produce(bootstrap_servers: str, topic: str, events: Iterable[OutgoingEvent], *,

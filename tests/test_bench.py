@@ -4,6 +4,7 @@ report each figure they promise, and the JPEG draft path decodes what it should.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,8 @@ def test_librdkafka_client_sends_every_envelope_as_the_worker_reads_it(kafka_boo
     ready = []
     report = produce(kafka_bootstrap, topic, events, rate=200, client="librdkafka", on_ready=lambda: ready.append(1))
     assert ready == [1] and report.sent == len(events) and set(report.expected) == {e.id for e in events}
+    # closed: librdkafka's own threads ("rdk:main", "rdk:broker...") are gone, not left retrying
+    assert not [t for t in Path("/proc/self/task").iterdir() if (t / "comm").read_text().startswith("rdk:")]
     records = read_records([topic], len(events), timeout_s=60)
     assert len(records) == len(events), "every event acknowledged and on the topic, none twice"
     by_id = {}
