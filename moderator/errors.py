@@ -61,7 +61,7 @@ class WeightsUnavailable(ModelError):
 
 
 class MissingDependency(ModeratorError):
-    """An optional dependency (the ``train`` extra) is needed for this command."""
+    """An optional dependency (an extra: ``train``, ``pdq``, ``dev``, ...) is needed for this command."""
 
     reason = "missing_dependency"
 

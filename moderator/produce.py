@@ -251,13 +251,28 @@ class ProduceReport:
     bytes: int = 0
     sent_at: dict[str, float] = field(default_factory=dict)  # same keys -> unix time of send
     started_at: float = 0.0
+    client: str = "kafka-python"  # CLIENTS
 
     @property
     def rate(self) -> float:
         return self.sent / self.seconds if self.seconds > 0 else float("inf")
 
 
-CLIENTS = ("kafka-python", "librdkafka")
+Client = Literal["kafka-python", "librdkafka"]
+CLIENTS: tuple[str, ...] = Client.__args__  # type: ignore[attr-defined]
+_SEND_BLOCK_S = 60.0  # a send waits at most this long for room (kafka-python's max_block_ms)
+
+
+def require_confluent_kafka():
+    """The ``confluent_kafka`` module, or ``MissingDependency`` saying how to get it."""
+    try:
+        import confluent_kafka  # noqa: PLC0415
+    except ImportError:
+        from moderator.errors import MissingDependency  # noqa: PLC0415
+
+        raise MissingDependency("the librdkafka client (--load-generator librdkafka) needs confluent-kafka: "
+                                "pip install 'moderator[dev]' or pip install confluent-kafka") from None
+    return confluent_kafka
 
 
 class _KafkaPythonSender:
@@ -270,6 +285,12 @@ class _KafkaPythonSender:
                                       linger_ms=5, max_request_size=32 * 1024 * 1024,
                                       client_id="moderator-produce", **dict(security or {}))
         self.futures: list = []
+        try:
+            # the topic's partitions now, not inside a paced run's first send (the constructor only connects)
+            self.producer.partitions_for(topic)
+        except BaseException:
+            self.producer.close(timeout=10)
+            raise
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
         self.futures.append(self.producer.send(topic, value=value, key=key, headers=headers))
@@ -290,28 +311,24 @@ class _LibrdkafkaSender:
     def __init__(self, bootstrap_servers: str, topic: str, security: Mapping[str, object] | None) -> None:
         if security:
             raise ValueError("the librdkafka client takes no TLS/SASL settings here; use kafka-python")
-        try:
-            from confluent_kafka import KafkaException, Producer  # noqa: PLC0415
-        except ImportError:
-            from moderator.errors import MissingDependency  # noqa: PLC0415
-
-            raise MissingDependency("the librdkafka client needs confluent-kafka: pip install 'moderator[dev]' "
-                                    "or pip install confluent-kafka") from None
-        self.exception = KafkaException
+        ck = require_confluent_kafka()
+        self.exception = ck.KafkaException
         # the same guarantees as the kafka-python producer: every record acknowledged by all replicas, once
-        self.producer = Producer({"bootstrap.servers": bootstrap_servers, "acks": "all",
-                                  "enable.idempotence": True, "linger.ms": 5,
-                                  "message.max.bytes": 32 * 1024 * 1024, "client.id": "moderator-produce",
-                                  # keys to partitions as the Java client and kafka-python do
-                                  "partitioner": "murmur2_random",
-                                  "statistics.interval.ms": 100, "stats_cb": self._stats})
+        self.producer = ck.Producer({"bootstrap.servers": bootstrap_servers, "acks": "all",
+                                     "enable.idempotence": True, "linger.ms": 5,
+                                     "message.max.bytes": 32 * 1024 * 1024, "client.id": "moderator-produce",
+                                     # keys to partitions as the Java client and kafka-python do
+                                     "partitioner": "murmur2_random",
+                                     "statistics.interval.ms": 100, "stats_cb": self._stats})
         self.errors: list = []
         # librdkafka connects, learns the topic's partitions and gets its idempotent producer id in the
         # background, holding records meanwhile: ~0.5 s when the first id request finds no connection
-        # yet (measured), so a paced run would start with a burst. kafka-python's constructor waits.
+        # yet (measured), so a paced run would start with a burst. Wait for all three here.
         self.ready = False
         try:
-            self.producer.list_topics(topic, timeout=30)
+            meta = self.producer.list_topics(topic, timeout=30).topics.get(topic)
+            if meta is None or meta.error is not None:
+                raise self.exception(f"topic {topic}: {meta.error if meta else 'not in the metadata'}")
             deadline = time.monotonic() + 30
             while not self.ready and time.monotonic() < deadline:
                 self.producer.poll(0.05)
@@ -330,12 +347,17 @@ class _LibrdkafkaSender:
             self.errors.append(err)
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
+        deadline = time.monotonic() + _SEND_BLOCK_S
         while True:
             try:
                 self.producer.produce(topic, value=value, key=key, headers=headers or None,
                                       on_delivery=self._delivered)
                 break
             except BufferError:  # its local queue is full: serve delivery reports until there is room
+                if self.errors:
+                    raise self.exception(self.errors[0]) from None
+                if time.monotonic() > deadline:
+                    raise self.exception(f"no room in the producer's queue for {_SEND_BLOCK_S:.0f} s") from None
                 self.producer.poll(0.1)
         self.producer.poll(0)  # delivery callbacks run here
 
@@ -347,15 +369,17 @@ class _LibrdkafkaSender:
             raise self.exception(f"{left} records not acknowledged within 120 s")
 
     def close(self) -> None:
-        # confluent-kafka has no close(): the producer and its threads go with its last reference,
-        # and its callbacks point back here, so drop it rather than wait for the cycle collector
-        self.producer.flush(10)
-        self.producer = None
+        # the producer and its threads go with its last reference; its callbacks point back here, so
+        # drop it rather than wait for the cycle collector (its close() can block while records are queued)
+        try:
+            self.producer.flush(10)
+        finally:
+            self.producer = None
 
 
 def produce(bootstrap_servers: str, topic: str, events: Iterable[OutgoingEvent], *,
             rate: float | None = None, partition_by_key: bool = True,
-            security: Mapping[str, object] | None = None, client: str = "kafka-python",
+            security: Mapping[str, object] | None = None, client: Client = "kafka-python",
             on_ready: Callable[[], None] | None = None) -> ProduceReport:
     """Send ``events`` (``rate`` per second, or as fast as possible) and wait for every ack.
 
@@ -367,15 +391,15 @@ def produce(bootstrap_servers: str, topic: str, events: Iterable[OutgoingEvent],
     if client not in CLIENTS:
         raise ValueError(f"client is one of {', '.join(CLIENTS)}, not {client!r}")
     sender = (_KafkaPythonSender if client == "kafka-python" else _LibrdkafkaSender)(bootstrap_servers, topic, security)
-    if on_ready is not None:
-        on_ready()
     expected: dict[str, str] = {}
     sent_at: dict[str, float] = {}
     sent = 0
     total_bytes = 0
-    started_at = time.time()
-    start = time.monotonic()
     try:
+        if on_ready is not None:
+            on_ready()
+        started_at = time.time()
+        start = time.monotonic()
         for i, ev in enumerate(events):
             if rate:
                 delay = start + i / rate - time.monotonic()
@@ -391,7 +415,7 @@ def produce(bootstrap_servers: str, topic: str, events: Iterable[OutgoingEvent],
         sender.finish()
     finally:
         sender.close()
-    return ProduceReport(sent, time.monotonic() - start, expected, total_bytes, sent_at, started_at)
+    return ProduceReport(sent, time.monotonic() - start, expected, total_bytes, sent_at, started_at, client)
 
 
 def ensure_topics(bootstrap_servers: str, topics: dict[str, int],

@@ -119,7 +119,7 @@ def test_kafka_source_with_latency_counts_every_event_and_every_clock(random_mod
     # paced, not as fast as it goes (the lower bound leaves room for a first send waiting on metadata)
     assert 0.25 * 40 < lat["load_generator_rate_per_s"] < 1.5 * 40
     assert 1 <= lat["mean_batch_size"] <= 8
-    assert lat["load_generator"] == generator
+    assert lat["load_generator"] == generator  # as the generator process reports the client it used
 
 
 def test_librdkafka_client_sends_every_envelope_as_the_worker_reads_it(kafka_bootstrap, topic_factory, read_records):
@@ -136,7 +136,7 @@ def test_librdkafka_client_sends_every_envelope_as_the_worker_reads_it(kafka_boo
     report = produce(kafka_bootstrap, topic, events, rate=200, client="librdkafka", on_ready=lambda: ready.append(1))
     assert ready == [1] and report.sent == len(events) and set(report.expected) == {e.id for e in events}
     # closed: librdkafka's own threads ("rdk:main", "rdk:broker...") are gone, not left retrying
-    assert not [t for t in Path("/proc/self/task").iterdir() if (t / "comm").read_text().startswith("rdk:")]
+    assert not [name for name in _thread_names() if name.startswith("rdk:")]
     records = read_records([topic], len(events), timeout_s=60)
     assert len(records) == len(events), "every event acknowledged and on the topic, none twice"
     by_id = {}
@@ -150,6 +150,34 @@ def test_librdkafka_client_sends_every_envelope_as_the_worker_reads_it(kafka_boo
         assert r.key == e.id.encode()
         # the partition kafka-python (and the Java client) would pick for the key: murmur2
         assert r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 3, e.id
+
+
+def _thread_names() -> list[str]:
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return names
+
+
+def test_librdkafka_client_holds_its_producer_id_before_the_first_send(kafka_bootstrap, topic_factory):
+    """librdkafka gets its idempotent producer id in the background and holds records until then
+    (~0.5 s when its first request finds no connection): the sender waits for it up front."""
+    from moderator.produce import _LibrdkafkaSender
+
+    sender = _LibrdkafkaSender(kafka_bootstrap, topic_factory(1), None)
+    try:
+        assert sender.ready  # the constructor returned only once its stats said so
+    finally:
+        sender.close()
+    # what it waits for, in librdkafka's own stats JSON (its "eos" block)
+    sender.ready = False
+    sender._stats('{"name": "p", "eos": {"idemp_state": "WaitTransport", "idemp_stateage": 498}}')
+    assert not sender.ready
+    sender._stats('{"name": "p", "eos": {"idemp_state": "Assigned", "producer_id": 96}}')
+    assert sender.ready
 
 
 def test_librdkafka_client_refuses_what_it_cannot_do(monkeypatch):

@@ -345,8 +345,8 @@ def ready():  # images drawn, the client connected: the measured window starts n
 
 report = produce(servers, topic, events, rate=float(rate), client=client, on_ready=ready)
 stamps = sorted(report.sent_at.values())
-# its CPU seconds producing (drawing the images and connecting left out), and the rate it kept
-print(time.process_time() - t0, (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9))
+# its CPU seconds producing (drawing the images and connecting left out), the rate it kept, its client
+print(time.process_time() - t0, (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), report.client)
 """
 
 
@@ -372,18 +372,12 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
 
     if source not in ("kafka", "memory"):
         raise ValueError("source is kafka or memory")
-    from moderator.produce import CLIENTS  # noqa: PLC0415
+    from moderator.produce import CLIENTS, require_confluent_kafka  # noqa: PLC0415
 
     if load_generator not in CLIENTS:
         raise ValueError(f"load_generator is one of {', '.join(CLIENTS)}, not {load_generator!r}")
     if load_generator == "librdkafka" and latency and source == "kafka":
-        try:  # now, not after minutes of measuring
-            import confluent_kafka  # noqa: F401, PLC0415
-        except ImportError:
-            from moderator.errors import MissingDependency  # noqa: PLC0415
-
-            raise MissingDependency("--load-generator librdkafka needs confluent-kafka: pip install "
-                                    "'moderator[dev]' or pip install confluent-kafka") from None
+        require_confluent_kafka()  # now, not after minutes of measuring
     model_dir = Path(model_dir)
     run = f"bench-{uuid.uuid4().hex[:8]}"
     log(f"drawing {events} {image} events at {size[0]}x{size[1]} ...")
@@ -497,10 +491,10 @@ def bench_worker(model_dir: Path | str, policy: Path | str, *, source: str = "ka
                 # batching and the broker holding a fetch to consume -> acked
                 extra["created_to_acked"] = _percentiles(worker.stats.latencies_created)
                 # on a small machine the load generator takes CPU from the worker: say how much
-                gen_cpu, gen_rate = (float(x) for x in out.split()[-2:])
-                extra["load_generator_cpu_ms_per_event"] = round(1000 * gen_cpu / n_lat, 3)
-                extra["load_generator_rate_per_s"] = round(gen_rate, 1)  # below rate_per_s: it fell behind
-                extra["load_generator"] = load_generator
+                gen_cpu, gen_rate, gen_client = out.split()[-3:]
+                extra["load_generator_cpu_ms_per_event"] = round(1000 * float(gen_cpu) / n_lat, 3)
+                extra["load_generator_rate_per_s"] = round(float(gen_rate), 1)  # below rate_per_s: it fell behind
+                extra["load_generator"] = gen_client.decode()  # as the generator reports it
             else:
                 cpu0, threads0 = time.process_time(), cpu_by_label()
                 _feed_memory(worker, recs, partitions, target,
