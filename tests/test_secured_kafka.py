@@ -214,8 +214,9 @@ def test_a_worker_with_wrong_credentials_exits_2_with_one_clear_line(wrong, kafk
     fatal = [json.loads(line) for line in out.splitlines() + err.splitlines()
              if line.startswith("{") and '"fatal"' in line]
     assert fatal and fatal[-1]["event"]["reason"] == reason  # the JSON (ECS) log says it too
-    # start-up (imports, model load, warm-up) plus one refused attempt: well below the 120 s timeout
-    assert elapsed < 60, f"took {elapsed:.1f}s"
+    # start-up (imports, model load, warm-up) plus one refused attempt: below the 120 s timeout, not
+    # retrying until it (a busy 2-core CI machine once took 66.7 s for the sasl_ssl case)
+    assert elapsed < 90, f"took {elapsed:.1f}s"
 
 
 def test_produce_cli_names_a_refused_login(kafka):
